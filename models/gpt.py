@@ -1,0 +1,102 @@
+"""Llama-style GPT backbone as in the GRAPE code: pre-norm RMSNorm, optional QK-RMSNorm, SwiGLU,
+no biases, no absolute position embedding; the positional encoding lives in each attention layer."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attention import CausalSelfAttention, RMSNorm
+from models.config import GPTConfig
+from models.loss import linear_cross_entropy
+from models.pe import PositionalEncoding
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.padded_vocab, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
+        self.reset_parameters()
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def pes(self) -> list[PositionalEncoding]:
+        return [b.attn.pe for b in self.blocks]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.cfg
+        hidden_std = cfg.init_std if cfg.init == "normal" else 0.5 / math.sqrt(cfg.d_model)
+        out_std = hidden_std if cfg.init == "normal" else hidden_std / math.sqrt(cfg.n_layer)
+        pe_params = {id(p) for pe in self.pes() for p in pe.parameters()}
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in pe_params:
+                is_output = name.endswith("attn.o_proj") or name.endswith("mlp.down_proj")
+                nn.init.normal_(module.weight, 0.0, out_std if is_output else hidden_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        nn.init.normal_(self.embed.weight, 0.0, cfg.init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, 0.0, cfg.init_std)
+        for pe in self.pes():
+            pe.reset_parameters()
+
+    def hidden_states(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states (B, T, d_model) for token ids (B, T)."""
+        T = idx.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                             f"raise model.max_seq_len or shorten the input")
+        if positions is None:
+            positions = torch.arange(T, device=idx.device)
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, positions)
+        return self.norm(x)
+
+    def forward(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Logits (B, T, padded_vocab)."""
+        h = self.hidden_states(idx, positions)
+        return h @ self.head_weight.to(h.dtype).t()
+
+    def loss(self, idx: Tensor, targets: Tensor, z_loss: float = 0.0) -> dict[str, Tensor]:
+        """Mean next-token CE (targets == -100 ignored) through the fused chunked head.
+
+        Returns {"loss": CE (+ z_loss * mean lse^2), "lse": mean logsumexp, "lse_sq": mean lse^2}."""
+        h = self.hidden_states(idx).flatten(0, 1)
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        loss, lse, lse_sq = linear_cross_entropy(h, self.head_weight, targets.flatten(), self.cfg.loss_chunk_rows, z_loss)
+        return {"loss": loss, "lse": lse, "lse_sq": lse_sq}

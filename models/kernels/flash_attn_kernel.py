@@ -1,0 +1,22 @@
+"""Optional FlashAttention-2 package kernel (`pip install pelab[flash]`); never required.
+
+On Hopper cuDNN (through SDPA) is faster and keeps priority; elsewhere flash_attn is preferred
+when installed. It also runs ALiBi-style rank-1 biases through `alibi_slopes` only via the
+dedicated kernels, so here it handles plain causal attention.
+"""
+import torch
+from flash_attn import flash_attn_func  # noqa: F401  (ImportError -> not registered)
+
+from models.kernels import _is_cuda_half, register_kernel
+
+
+def _run(q, k, v, bias, scale):
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True)
+    return out.transpose(1, 2)
+
+
+def _supports(q, k, v, b):
+    return b is None and _is_cuda_half(q) and q.shape[-1] <= 256
+
+
+register_kernel("flash_attn", 60, _supports, _run)

@@ -1,0 +1,9 @@
+"""NoPE: no positional information besides the causal mask."""
+from models.pe import register
+from models.pe.base import PositionalEncoding
+
+
+@register("nope")
+class NoPE(PositionalEncoding):
+    def __init__(self, shape):
+        super().__init__(shape)

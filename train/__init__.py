@@ -1,0 +1,1 @@
+"""pelab training glue: Hydra entry point, Lightning module, callbacks, evaluation, reports."""

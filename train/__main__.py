@@ -1,0 +1,167 @@
+"""`python -m train [overrides]`: pretrain one (model, PE, data) cell; `-m` for a Hydra multirun.
+
+The run directory (`runs/<model>-<pe>-<data>-s<seed>` by default) holds config.yaml, metrics.csv,
+checkpoints/, loss.png and summary.json. Rerunning the same command continues from
+checkpoints/last.ckpt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import train.config  # noqa: F401  (registers resolvers before Hydra composes)
+
+log = logging.getLogger("pelab")
+
+
+class ConfigError(ValueError):
+    """A config problem found before any heavy work; the message names the fix."""
+
+
+def _resolve_auto(value, gpu_value, cpu_value, has_gpu: bool):
+    return (gpu_value if has_gpu else cpu_value) if value == "auto" else value
+
+
+def plan(cfg: DictConfig) -> dict:
+    """Derived sizes, checked before any model or data work."""
+    t = cfg.trainer
+    world = int(t.devices if isinstance(t.devices, int) else 1) * int(t.num_nodes)
+    per_micro = int(t.micro_batch_size) * int(t.seq_len) * world
+    if t.seq_len <= 0 or t.micro_batch_size <= 0:
+        raise ConfigError(f"trainer.seq_len ({t.seq_len}) and trainer.micro_batch_size ({t.micro_batch_size}) must be positive")
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"trainer.seq_len={t.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
+                          f"lower trainer.seq_len or set model.max_seq_len={t.seq_len}")
+    if t.global_batch_tokens % per_micro:
+        raise ConfigError(
+            f"trainer.global_batch_tokens={t.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
+            f"devices = {t.micro_batch_size} x {t.seq_len} x {world} = {per_micro}; choose e.g. "
+            f"trainer.global_batch_tokens={max(1, round(t.global_batch_tokens / per_micro)) * per_micro}")
+    if cfg.trainer.max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
+    return {"world": world, "accum": t.global_batch_tokens // per_micro, "tokens_per_step": int(t.global_batch_tokens)}
+
+
+def _same_experiment(saved: DictConfig, cfg: DictConfig) -> list[str]:
+    keys = ["model", "pe", "kv_shift", "data.name", "seed", "trainer.seq_len", "trainer.global_batch_tokens"]
+    return [k for k in keys if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    mode = str(cfg.resume).lower()
+    if mode not in ("auto", "true", "false"):
+        raise ConfigError(f"resume must be auto, true or false, got {cfg.resume!r}")
+    if mode == "true" and not last.exists():
+        raise ConfigError(f"resume=true but {last} does not exist; run without resume=true to start fresh")
+    if not last.exists():
+        return None
+    if mode == "false":
+        raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.ckpt); use resume=auto to continue it, "
+                          f"another run_name=..., or delete the directory")
+    saved_cfg = run_dir / "config.yaml"
+    if saved_cfg.exists():
+        diff = _same_experiment(OmegaConf.load(saved_cfg), cfg)
+        if diff:
+            raise ConfigError(f"{run_dir} holds a run with different {', '.join(diff)}; continue it with the same "
+                              f"settings, or choose another run_name=...")
+    return last
+
+
+def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
+    """Train one cell; returns the summary dict (also written to <run_dir>/summary.json)."""
+    import lightning as L
+    import torch
+
+    from data.datamodule import TokenDataModule
+    from models.inspect import describe
+    from train.callbacks import AtomicCheckpointIO, LoggerBridge, MetricsCSV, PeriodicCheckpoint, write_summary
+    from train.config import model_config
+    from train.loggers import build_loggers
+    from train.module import LMModule
+    from train.report import plot_runs
+
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    sizes = plan(cfg)
+    ckpt = resume_checkpoint(cfg, run_dir)
+    model_cfg = model_config(cfg)
+    has_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    precision = _resolve_auto(cfg.trainer.precision, "bf16-mixed", "32-true", has_gpu)
+    compile_model = bool(_resolve_auto(cfg.trainer.compile, True, False, has_gpu))
+    if has_gpu:
+        torch.set_float32_matmul_precision("high")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cell = describe(model_cfg, int(cfg.trainer.seq_len))
+    datamodule = TokenDataModule(cfg.data, seq_len=cfg.trainer.seq_len, micro_batch_size=cfg.trainer.micro_batch_size,
+                                 accum_steps=sizes["accum"], seed=cfg.seed)
+    module = LMModule(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps,
+                      tokens_per_step=sizes["tokens_per_step"], flops_per_token=cell["flops_per_token"],
+                      compile=compile_model, log_every=cfg.trainer.log_every,
+                      stop_on_nonfinite=cfg.trainer.stop_on_nonfinite)
+    metrics_csv = MetricsCSV(run_dir / "metrics.csv")
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy, precision=precision, max_steps=cfg.trainer.max_steps,
+        val_check_interval=cfg.trainer.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        log_every_n_steps=cfg.trainer.log_every, enable_checkpointing=False, logger=build_loggers(cfg, run_dir) or False,
+        callbacks=[metrics_csv, LoggerBridge(),
+                   PeriodicCheckpoint(run_dir / "checkpoints", cfg.trainer.ckpt_every, cfg.trainer.keep_checkpoints)],
+        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir), use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
+    log.info("%s | %s params | %d tokens/step (accumulation %d) | precision %s | compile %s",
+             cfg.run_name, f"{cell['total_params']:,}", sizes["tokens_per_step"], sizes["accum"], precision, compile_model)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    last_val_step = max((s for s, r in metrics_csv.rows.items() if "val/loss" in r), default=-1)
+    if last_val_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    from models.kernels import kernels_used
+
+    rows = [metrics_csv.rows[s] for s in sorted(metrics_csv.rows)]
+    last_train = next((r for r in reversed(rows) if "train/loss" in r), {})
+    tps = [float(r["tokens_per_s"]) for r in rows if "tokens_per_s" in r]
+    summary = {
+        "run_name": cfg.run_name, "run_dir": str(run_dir), "model": cfg.model.name, "pe": cfg.pe.name,
+        "kv_shift": bool(cfg.kv_shift), "data": cfg.data.name, "seed": cfg.seed,
+        "params": cell["total_params"], "steps": trainer.global_step,
+        "tokens": trainer.global_step * sizes["tokens_per_step"],
+        "train_loss": float(last_train["train/loss"]) if last_train else None,
+        "val_loss": module.val_loss,
+        "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
+        "attention_kernels": kernels_used(), "precision": precision, "compile": compile_model,
+    }
+    if trainer.global_rank == 0:
+        write_summary(run_dir / "summary.json", summary)
+        plot_runs([run_dir], run_dir / "loss.png")
+        print(f"\nrun dir   {run_dir}\n"
+              f"metrics   {run_dir / 'metrics.csv'}\nplot      {run_dir / 'loss.png'}\n"
+              f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}\nsummary   {run_dir / 'summary.json'}\n"
+              f"final     train/loss {summary['train_loss']:.4f}  val/loss {summary['val_loss']:.4f}  "
+              f"({summary['steps']} steps, {summary['tokens']:,} tokens)")
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = run(cfg)
+    except ConfigError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    return summary["val_loss"]
+
+
+if __name__ == "__main__":
+    main()

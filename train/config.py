@@ -1,0 +1,53 @@
+"""Config helpers shared by every command line: resolvers, composition, and the model config."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from models.config import GPTConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("pelab.if", lambda cond, a, b: a if cond else b, replace=True)
+
+
+register_resolvers()
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """The config `python -m train <overrides>` would see (without Hydra's runtime keys)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def to_dict(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def vocab_size(cfg: DictConfig) -> int:
+    """Model vocabulary: `model.vocab_size` when set, else the configured tokenizer's."""
+    if cfg.model.get("vocab_size"):
+        return int(cfg.model.vocab_size)
+    from data.tokenizer import load_tokenizer
+
+    tok = cfg.data.tokenizer
+    return load_tokenizer(tok.name, tok.get("path")).vocab_size
+
+
+def model_config(cfg: DictConfig) -> GPTConfig:
+    d = to_dict(cfg.model)
+    d["vocab_size"] = vocab_size(cfg)
+    d["pe"] = to_dict(cfg.pe)
+    d["kv_shift"] = bool(cfg.kv_shift)
+    backend = cfg.get("trainer", {}).get("attention_backend") if "trainer" in cfg else None
+    if backend:
+        d["attention_backend"] = backend
+    return GPTConfig.from_dict(d)

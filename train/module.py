@@ -1,0 +1,191 @@
+"""LightningModule: one optimizer step per batch (the batch holds all accumulation micro-batches).
+
+Manual optimization keeps the step explicit: micro-batch losses are divided by the accumulation
+count (the GRAPE/T6 trainers forget this), the pre-clip global grad norm stays on the device, and
+host syncs happen only at logging steps.
+"""
+from __future__ import annotations
+
+import random
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import lightning as L
+import numpy as np
+import torch
+
+from models.attention import RMSNorm
+from models.config import GPTConfig
+from models.gpt import GPT
+from train.schedule import lr_multiplier
+
+# Dense bf16 peak FLOP/s by device name fragment (MFU denominators; torchtitan's table).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class LMModule(L.LightningModule):
+    def __init__(self, model_cfg: GPTConfig, optim: dict, *, max_steps: int, tokens_per_step: int,
+                 flops_per_token: float, compile: bool = False, log_every: int = 10,
+                 stop_on_nonfinite: bool = True):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model_cfg = model_cfg
+        self.optim_cfg = dict(optim)
+        self.max_steps = max_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.compile_model = compile
+        self.log_every = log_every
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self.model = GPT(model_cfg)
+        self.last_metrics: dict[str, float] | None = None  # set at logging steps, read by callbacks
+        self.val_loss: float | None = None
+        self._nonfinite = None
+        self._val_sum = None
+        self._t_last = None
+        self._step_last = 0
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.compile_model and not getattr(self, "_compiled", False):
+            for block in self.model.blocks:
+                block.compile()
+            self._compiled = True
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        decay, no_decay = [], []
+        norm_params = {id(p) for m in self.model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+        for name, p in self.model.named_parameters():
+            (no_decay if id(p) in norm_params or name.endswith("bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda" or next(self.model.parameters()).is_cuda
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused or None)
+        decay_steps = o.get("decay_steps") or self.max_steps
+        fn = partial(lr_multiplier, schedule=o["schedule"], warmup_steps=o["warmup_steps"], decay_steps=decay_steps,
+                     total_steps=self.max_steps, min_ratio=o["min_lr"] / o["lr"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int):
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        accum = batch.shape[0]
+        z = float(self.optim_cfg.get("z_loss", 0.0))
+        loss_sum = torch.zeros((), device=self.device)
+        lse_sum = torch.zeros((), device=self.device)
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
+        for m in range(accum):
+            x, y = batch[m, :, :-1], batch[m, :, 1:]
+            with no_sync() if m < accum - 1 else nullcontext():
+                out = self.model.loss(x, y, z_loss=z)
+                self.manual_backward(out["loss"] / accum)
+            loss_sum += out["loss"].detach()
+            lse_sum += out["lse"].detach()
+        clip = self.optim_cfg.get("grad_clip") or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        loss = loss_sum / accum
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.stop_on_nonfinite:
+            self._nonfinite = ~finite if self._nonfinite is None else self._nonfinite | ~finite
+            opt.step()
+        elif bool(finite):  # skip mode: the only per-step host sync, and only when asked for
+            opt.step()
+        else:
+            self.skip_update(opt)
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step = self.global_step  # already counts this update
+        if step % self.log_every == 0 or step == self.max_steps:
+            self._log_step(step, loss, lse_sum / accum, grad_norm, clip, sched.get_last_lr()[0])
+
+    def skip_update(self, opt) -> None:
+        """Take the optimizer step with zero gradients at lr 0: parameters stay as they are, the step
+        still counts (so the data order is unchanged); Adam's moments decay by one step."""
+        for p in self.model.parameters():
+            p.grad = None if p.grad is None else torch.zeros_like(p.grad)
+        lrs = [g["lr"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        opt.step()
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+
+    def _log_step(self, step, loss, lse, grad_norm, clip, lr) -> None:
+        self.check_finite()
+        now = time.perf_counter()
+        tps = None
+        if self._t_last is not None and step > self._step_last:
+            tps = (step - self._step_last) * self.tokens_per_step / (now - self._t_last)
+        self._t_last, self._step_last = now, step
+        gn = float(grad_norm)
+        m = {"train/loss": float(loss), "train/lse": float(lse), "lr": lr, "grad_norm": gn,
+             "grad_clipped": float(gn > clip), "tokens": step * self.tokens_per_step}
+        if tps is not None:
+            m["tokens_per_s"] = tps
+            peak = peak_flops(self.device)
+            if peak:
+                m["mfu"] = tps * self.flops_per_token / (peak * self.trainer.world_size)
+        self.last_metrics = m
+        self.log_dict({"loss": m["train/loss"], "tok/s": tps or 0.0}, prog_bar=True, logger=False, rank_zero_only=True)
+
+    def check_finite(self) -> None:
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise NonFiniteLoss(
+                f"non-finite loss or gradient at or before step {self.global_step}. The last good checkpoint "
+                f"is kept in checkpoints/. Fixes: lower optim.lr, raise optim.warmup_steps, set optim.z_loss, "
+                f"or trainer.stop_on_nonfinite=false to skip such steps.")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._t_last is None:
+            self._t_last, self._step_last = time.perf_counter(), self.global_step
+
+    # ---- validation ---------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros(2, device=self.device)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        out = self.model.loss(batch[:, :-1], batch[:, 1:])
+        self._val_sum += torch.stack([out["loss"].detach() * batch.shape[0], torch.tensor(batch.shape[0], device=self.device, dtype=torch.float32)])
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        self.val_loss = float(total[0] / total[1].clamp(min=1))
+        self.log("val/loss", self.val_loss, prog_bar=True, logger=False, rank_zero_only=True)
+        self._t_last = None  # do not count validation time as training throughput
+
+    # ---- checkpoint extras ---------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never write a checkpoint of a diverged model
+        checkpoint["pelab"] = {
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "model_cfg": self.model_cfg.__dict__.copy(),
+            "tokens_per_step": self.tokens_per_step,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("pelab", {}).get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
