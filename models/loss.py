@@ -16,12 +16,15 @@ IGNORE_INDEX = -100
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, z_loss: float):
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, z_loss: float, grad_enabled: bool):
         n_rows = hidden.shape[0]
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1).float()
         w = weight.to(hidden.dtype)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # forward() always runs with grad mode off; the caller's mode says whether to form gradients
+        # (validation under no_grad skips that work).
+        need_h = ctx.needs_input_grad[0] and grad_enabled
+        need_w = ctx.needs_input_grad[1] and grad_enabled
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -58,7 +61,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 8192,
@@ -77,4 +80,4 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
         lse_mean = (lse * valid).sum() / count
         lse_sq = (lse.square() * valid).sum() / count
         return loss + z_loss * lse_sq, lse_mean.detach(), lse_sq.detach()
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, z_loss)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, z_loss, torch.is_grad_enabled())

@@ -34,12 +34,15 @@ def to_dict(node: Any) -> Any:
 
 def vocab_size(cfg: DictConfig) -> int:
     """Model vocabulary: `model.vocab_size` when set, else the configured tokenizer's."""
-    if cfg.model.get("vocab_size"):
-        return int(cfg.model.vocab_size)
     from data.tokenizer import load_tokenizer
 
     tok = cfg.data.tokenizer
-    return load_tokenizer(tok.name, tok.get("path")).vocab_size
+    tokenizer_vocab = load_tokenizer(tok.name, tok.get("path")).vocab_size
+    requested = cfg.model.get("vocab_size")
+    if requested and int(requested) < tokenizer_vocab:
+        raise ValueError(f"model.vocab_size={requested} is smaller than the {tok.name} tokenizer's {tokenizer_vocab} "
+                         f"tokens; drop model.vocab_size (it defaults to the tokenizer's) or pick a matching tokenizer")
+    return int(requested or tokenizer_vocab)
 
 
 def model_config(cfg: DictConfig) -> GPTConfig:

@@ -1,0 +1,36 @@
+# pelab: `make train` and `make test` work on a fresh clone (they create .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.pelab-installed
+# GPU hosts take PyPI's (CUDA) torch; CPU-only hosts take 2.13.0, which this project's CPU
+# machines serve as a local CPU build. Override with `make TORCH_SPEC=...`.
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.11,torch==2.13.0)
+ARGS ?=
+
+.PHONY: help install train test test-slurm bench sweep report eval data clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with pelab and its dev tools
+
+train: $(STAMP)  ## pretrain the default model offline on the embedded data (ARGS="pe=alibi ...")
+	$(PY) -m train $(ARGS)
+
+test: $(STAMP)  ## run the test suite (CPU)
+	$(PY) -m pytest -q $(ARGS)
+
+data: $(STAMP)  ## build FineWeb-Edu shards (ARGS="data.subset=sample-10BT" or data.local_files=...)
+	$(PY) -m data.prepare data=fineweb_edu $(ARGS)
+
+clean:  ## remove runs, caches and .venv
+	rm -rf runs data_cache .pytest_cache $(VENV)

@@ -1,0 +1,33 @@
+"""Shared fixtures: composed configs for tiny CPU runs, and one embedded-data build per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough for a 2-core CPU: 2 micro-batches of 4 x 64 tokens per step.
+TINY = ["model=gpt_tiny", "trainer.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_tokens=512",
+        "trainer.log_every=2", "trainer.val_every=5", "trainer.ckpt_every=5", "data.val_tokens=2048",
+        "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture
+def tiny_cfg(data_root):
+    """compose(overrides) for a tiny CPU run whose data lives in the session's data dir."""
+    from train.config import compose
+
+    def make(*overrides: str):
+        return compose([*TINY, f"paths.data={data_root}", *overrides])
+
+    return make

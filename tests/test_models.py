@@ -1,0 +1,167 @@
+"""Backbone presets, the inspect CLI, the fused loss, and attention-kernel dispatch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import GPT, GPTConfig
+from models.inspect import describe
+from models.kernels import attend
+from models.loss import linear_cross_entropy
+from train.config import compose, model_config
+
+# Parameter counts stated by the GRAPE paper/code and the RoPE++ configs.
+EXPECTED_PARAMS = {
+    ("gpt_355m", 50257): 353.5e6,
+    ("gpt_770m", 50257): 772.2e6,
+    ("gpt_776m", 128256): 776.2e6,
+}
+
+
+@pytest.mark.parametrize("model,vocab", list(EXPECTED_PARAMS))
+def test_preset_param_counts(model, vocab):
+    cfg = compose([f"model={model}", f"model.vocab_size={vocab}", "pe=rope"])
+    info = describe(model_config(cfg), 4096)
+    assert abs(info["total_params"] / EXPECTED_PARAMS[(model, vocab)] - 1) < 1e-3, info["total_params"]
+
+
+def test_776m_shape_and_gpt2_vocab():
+    info = describe(model_config(compose(["model=gpt_776m"])), 4096)
+    assert info["padded_vocab"] == 50304 and info["kv_heads"] == 6 and info["attention_heads"] == 12
+    # Non-embedding part does not depend on the vocabulary: 382.2M as in the RoPE++ configs.
+    assert abs(info["non_embedding_params"] / 382.2e6 - 1) < 1e-3
+    assert info["kv_cache_bytes_per_token"] == 36 * 1024  # 2 x 12 layers x 6 heads x 128 x 2 bytes
+
+
+def test_355m_flops_per_token_matches_formula():
+    info = describe(model_config(compose(["model=gpt_355m"])), 4096)
+    # 6N + 12 L H D T with N = 353.5M tied params: 3.33 GFLOP per token at T=4096.
+    assert info["flops_per_token"] == 6 * info["total_params"] + 12 * 24 * 8 * 128 * 4096
+    assert abs(info["flops_per_token"] / 3.33e9 - 1) < 5e-3
+
+
+def test_inspect_cli_prints_json():
+    out = subprocess.run([sys.executable, "-m", "models.inspect", "model=gpt_355m", "pe=nope"], capture_output=True,
+                         text=True, check=True).stdout
+    info = json.loads(out)
+    assert set(info) >= {"total_params", "non_embedding_params", "attention_heads", "kv_heads",
+                         "kv_cache_bytes_per_token", "flops_per_token"}
+    assert info["pe"] == "nope" and info["attention_heads"] == 8
+
+
+def test_inspect_cli_unknown_choice_is_one_clear_error():
+    r = subprocess.run([sys.executable, "-m", "models.inspect", "model=gpt_9b"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Could not find 'model/gpt_9b'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_init_scales():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=4, d_model=256, n_head=4, vocab_size=1000, init="grape")
+    m = GPT(cfg)
+    std = lambda t: t.float().std().item()  # noqa: E731
+    assert abs(std(m.embed.weight) - 0.02) < 2e-3
+    assert abs(std(m.blocks[0].attn.q_proj.weight) - 0.5 / 16) < 3e-3
+    assert abs(std(m.blocks[0].attn.o_proj.weight) - 0.5 / 16 / 2) < 2e-3
+    assert abs(std(m.blocks[0].mlp.down_proj.weight) - 0.5 / 16 / 2) < 2e-3
+    assert cfg.padded_vocab == 1024
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_fused_cross_entropy_matches_plain(z_loss):
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    t[3] = -100
+    loss, lse, lse_sq = linear_cross_entropy(h, w, t, chunk_rows=8, z_loss=z_loss)
+    loss.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    logits = h @ w.t()
+    ref_lse = torch.logsumexp(logits, -1)[t != -100]
+    ref = F.cross_entropy(logits, t, ignore_index=-100) + z_loss * ref_lse.square().mean()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(lse, ref_lse.mean())
+    torch.testing.assert_close(lse_sq, ref_lse.square().mean())
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_model_loss_equals_logits_cross_entropy():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=300, n_layer=2, d_model=64, n_head=2, loss_chunk_rows=16))
+    x = torch.randint(0, 300, (2, 20))
+    loss = m.loss(x[:, :-1], x[:, 1:])["loss"]
+    logits = m(x[:, :-1])
+    ref = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "chunked"])
+def test_attention_kernels_match_reference_with_gqa(backend):
+    torch.manual_seed(0)
+    q = torch.randn(2, 33, 4, 16, requires_grad=True)
+    k = torch.randn(2, 33, 2, 16, requires_grad=True)
+    v = torch.randn(2, 33, 2, 16, requires_grad=True)
+    out = attend(q, k, v, backend=backend)
+    ref = attend(q, k, v, backend="eager")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # Query head h reads KV head h // 2: recompute head 3 by hand.
+    s = (q[:, :, 3] @ k[:, :, 1].transpose(1, 2)) / 4.0
+    s = s.masked_fill(torch.ones(33, 33, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(out[:, :, 3], s.softmax(-1) @ v[:, :, 1], atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_backend_and_unsupported_backend_are_clear():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        attend(q, q, q, backend="fast")
+    with pytest.raises(ValueError, match="cannot run"):
+        attend(q, q, q, backend="cudnn")  # CPU fp32
+
+
+def test_causality_of_the_backbone():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=100, n_layer=2, d_model=64, n_head=4))
+    x = torch.randint(0, 100, (1, 16))
+    y = x.clone()
+    y[0, 10] = (y[0, 10] + 1) % 100
+    a, b = m(x), m(y)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_rope_scores_are_relative():
+    from models.pe.rope import apply_rotary, rope_cos_sin, rope_inv_freq
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 12, 1, 32), torch.randn(1, 12, 1, 32)
+    inv, _ = rope_inv_freq(32, 10000.0)
+
+    def scores(offset):
+        pos = torch.arange(12) + offset
+        cos, sin = rope_cos_sin(pos, inv)
+        return apply_rotary(q, cos, sin)[0, :, 0] @ apply_rotary(k, cos, sin)[0, :, 0].T
+
+    torch.testing.assert_close(scores(0), scores(777), atol=1e-3, rtol=1e-4)
+
+
+def test_bad_model_shapes_are_clear():
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        GPTConfig(d_model=384, n_head=6, n_kv_head=4)
+    with pytest.raises(ValueError, match="unknown model options"):
+        GPTConfig.from_dict({"n_layers": 3})
+    m = GPT(GPTConfig(vocab_size=100, n_layer=1, d_model=32, n_head=2, max_seq_len=8))
+    with pytest.raises(ValueError, match="model.max_seq_len=8"):
+        m(torch.zeros(1, 9, dtype=torch.long))
