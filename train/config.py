@@ -34,10 +34,10 @@ def to_dict(node: Any) -> Any:
 
 def vocab_size(cfg: DictConfig) -> int:
     """Model vocabulary: `model.vocab_size` when set, else the configured tokenizer's."""
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import tokenizer_from_cfg
 
     tok = cfg.data.tokenizer
-    tokenizer_vocab = load_tokenizer(tok.name, tok.get("path")).vocab_size
+    tokenizer_vocab = tokenizer_from_cfg(tok).vocab_size
     requested = cfg.model.get("vocab_size")
     if requested and int(requested) < tokenizer_vocab:
         raise ValueError(f"model.vocab_size={requested} is smaller than the {tok.name} tokenizer's {tokenizer_vocab} "
