@@ -59,7 +59,6 @@ class MetricsCSV(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.last_metrics is not None:
             self._row(trainer.global_step).update(pl_module.last_metrics)
-            pl_module.last_metrics = None
             self.flush(trainer)
 
     def on_validation_end(self, trainer, pl_module):

@@ -89,6 +89,7 @@ class LMModule(L.LightningModule):
     # ---- training -----------------------------------------------------------------------------
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
+        self.last_metrics = None
         opt = self.optimizers()
         sched = self.lr_schedulers()
         accum = batch.shape[0]

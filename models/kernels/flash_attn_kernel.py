@@ -1,8 +1,7 @@
 """Optional FlashAttention-2 package kernel (`pip install pelab[flash]`); never required.
 
 On Hopper cuDNN (through SDPA) is faster and keeps priority; elsewhere flash_attn is preferred
-when installed. It also runs ALiBi-style rank-1 biases through `alibi_slopes` only via the
-dedicated kernels, so here it handles plain causal attention.
+over SDPA's bundled FlashAttention-2 when installed. Plain causal attention only.
 """
 import torch
 from flash_attn import flash_attn_func  # noqa: F401  (ImportError -> not registered)
