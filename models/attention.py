@@ -78,5 +78,5 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         q, k, v, bias = self.project(x, positions)
-        y = attend(q, k, v, bias, backend=self.backend)
+        y = self.pe.transform_output(attend(q, k, v, bias, backend=self.backend), x)
         return self.o_proj(y.flatten(2))

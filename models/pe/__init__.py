@@ -38,6 +38,6 @@ def build_pe(spec: dict[str, Any], shape: AttentionShape) -> PositionalEncoding:
 
 
 # Importing the modules registers them.
-from models.pe import nope, rope  # noqa: E402,F401
+from models.pe import alibi, fox, grape_a, grape_ap, grape_m, nope, rope, ropepp  # noqa: E402,F401
 
 __all__ = ["AttentionShape", "HeadLayout", "PositionalEncoding", "available", "build_pe", "register"]

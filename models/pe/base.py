@@ -63,6 +63,10 @@ class PositionalEncoding(nn.Module):
         """Additive bias for the kernel, from q/k after QK-norm and `transform_qk`."""
         return None
 
+    def transform_output(self, y: Tensor, x: Tensor) -> Tensor:
+        """Per-head attention output y (B, T, H_attn, D) before o_proj (e.g. FoX-Pro output gate/norm)."""
+        return y
+
     def reset_parameters(self) -> None:
         """Initialise the PE's own parameters (called by the backbone's init)."""
 
