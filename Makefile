@@ -29,6 +29,18 @@ train: $(STAMP)  ## pretrain the default model offline on the embedded data (ARG
 test: $(STAMP)  ## run the test suite (CPU)
 	$(PY) -m pytest -q $(ARGS)
 
+test-slurm: $(STAMP)  ## real-Slurm tests; starts (and stops) a one-node cluster from Debian's Slurm if none is reachable
+	PELAB_SLURM_START=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py $(ARGS)
+
+sweep: $(STAMP)  ## the PE matrix as a Hydra multirun (ARGS="experiment=grape_medium hydra/launcher=slurm ...")
+	$(PY) -m train -m +sweep=pe_matrix $(ARGS)
+
+report: $(STAMP)  ## compare runs: plots + table (ARGS="runs/multirun/<date>" or "--wandb entity/project/group")
+	$(PY) -m train.report $(ARGS)
+
+eval: $(STAMP)  ## evaluate a checkpoint (ARGS="checkpoint=runs/<run> suite=all eval.data_dir=../shared/data/eval")
+	$(PY) -m train.eval $(ARGS)
+
 data: $(STAMP)  ## build FineWeb-Edu shards (ARGS="data.subset=sample-10BT" or data.local_files=...)
 	$(PY) -m data.prepare data=fineweb_edu $(ARGS)
 

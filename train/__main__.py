@@ -28,8 +28,10 @@ def _resolve_auto(value, gpu_value, cpu_value, has_gpu: bool):
 
 def plan(cfg: DictConfig) -> dict:
     """Derived sizes, checked before any model or data work."""
+    from train.strategy import world_size
+
     t = cfg.trainer
-    world = int(t.devices if isinstance(t.devices, int) else 1) * int(t.num_nodes)
+    world = world_size(t)  # devices x num_nodes, "auto"/-1 = all GPUs; torchrun's / srun's world when launched so
     per_micro = int(t.micro_batch_size) * int(t.seq_len) * world
     if t.seq_len <= 0 or t.micro_batch_size <= 0:
         raise ConfigError(f"trainer.seq_len ({t.seq_len}) and trainer.micro_batch_size ({t.micro_batch_size}) must be positive")
@@ -81,15 +83,20 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
     from models.inspect import describe
     from train.callbacks import AtomicCheckpointIO, LoggerBridge, MetricsCSV, PeriodicCheckpoint, write_summary
     from train.config import model_config
-    from train.loggers import build_loggers
+    from train.loggers import build_loggers, finish_wandb
     from train.module import LMModule
+    from train.strategy import build as build_strategy, resume_format_problem
     from train.report import plot_runs
+    from train.stability import monitor_callbacks
+    from train.eval.callback import periodic_eval_callbacks
+    from train.slurm import RequeueOnSignal, apply_slurm_world, cluster_plugins, preemption_signals
 
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
+    apply_slurm_world(cfg)  # under srun: trainer.devices / num_nodes = the job's tasks per node / nodes
     sizes = plan(cfg)
     ckpt = resume_checkpoint(cfg, run_dir)
     model_cfg = model_config(cfg)
@@ -103,25 +110,40 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cell = describe(model_cfg, int(cfg.trainer.seq_len))
+    strategy, strategy_name = build_strategy(cfg, sizes["world"], cell["total_params"], precision)
+    if ckpt is not None and resume_format_problem(ckpt, strategy_name):
+        raise ConfigError(resume_format_problem(ckpt, strategy_name))
     datamodule = TokenDataModule(cfg.data, seq_len=cfg.trainer.seq_len, micro_batch_size=cfg.trainer.micro_batch_size,
                                  accum_steps=sizes["accum"], seed=cfg.seed)
     module = LMModule(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps,
                       tokens_per_step=sizes["tokens_per_step"], flops_per_token=cell["flops_per_token"],
                       compile=compile_model, log_every=cfg.trainer.log_every,
-                      stop_on_nonfinite=cfg.trainer.stop_on_nonfinite)
+                      stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
+                      monitor=OmegaConf.to_container(cfg.monitor, resolve=True) if "monitor" in cfg else None)
+    if ckpt is None and cfg.get("init_from"):  # continued training from another run's weights
+        from train.eval.checkpoint import init_from
+
+        for note in init_from(module.model, cfg.init_from, OmegaConf.to_container(cfg.pe, resolve=True)):
+            log.info("init_from %s: %s", cfg.init_from, note)
     metrics_csv = MetricsCSV(run_dir / "metrics.csv")
+    periodic = PeriodicCheckpoint(run_dir / "checkpoints", cfg.trainer.ckpt_every, cfg.trainer.keep_checkpoints)
+    # SLURM pre-timeout / preemption signal: last.ckpt at the step boundary, then Preempted (main() requeues).
+    requeue = RequeueOnSignal(preemption_signals(cfg.get("preemption", {}).get("signal", "SIGUSR1")), periodic.save,
+                              run_dir, already_saved=lambda tr, step: periodic.every > 0 and (
+                                  step % periodic.every == 0 or step >= tr.max_steps))
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy, precision=precision, max_steps=cfg.trainer.max_steps,
+        strategy=strategy, precision=precision, max_steps=cfg.trainer.max_steps,
         val_check_interval=cfg.trainer.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         log_every_n_steps=cfg.trainer.log_every, enable_checkpointing=False, logger=build_loggers(cfg, run_dir) or False,
-        callbacks=[metrics_csv, LoggerBridge(),
-                   PeriodicCheckpoint(run_dir / "checkpoints", cfg.trainer.ckpt_every, cfg.trainer.keep_checkpoints)],
-        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir), use_distributed_sampler=False,
+        callbacks=[metrics_csv, LoggerBridge(), periodic, requeue, *monitor_callbacks(cfg, run_dir),
+                   *periodic_eval_callbacks(cfg)],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir), use_distributed_sampler=False,
         enable_model_summary=False,
     )
-    log.info("%s | %s params | %d tokens/step (accumulation %d) | precision %s | compile %s",
-             cfg.run_name, f"{cell['total_params']:,}", sizes["tokens_per_step"], sizes["accum"], precision, compile_model)
+    log.info("%s | %s params | %d tokens/step (accumulation %d) | precision %s | compile %s | %d process(es), %s",
+             cfg.run_name, f"{cell['total_params']:,}", sizes["tokens_per_step"], sizes["accum"], precision, compile_model,
+             sizes["world"], strategy_name)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     last_val_step = max((s for s, r in metrics_csv.rows.items() if "val/loss" in r), default=-1)
     if last_val_step != trainer.global_step:
@@ -140,7 +162,10 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
         "train_loss": float(last_train["train/loss"]) if last_train else None,
         "val_loss": module.val_loss,
         "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
+        "tokens_per_s_per_gpu": sorted(tps)[len(tps) // 2] / sizes["world"] if tps else None,
+        "world_size": sizes["world"], "strategy": strategy_name, "accumulation": sizes["accum"],
         "attention_kernels": kernels_used(), "precision": precision, "compile": compile_model,
+        "spikes": module.step_stats.spikes if module.step_stats is not None else None,
     }
     if trainer.global_rank == 0:
         write_summary(run_dir / "summary.json", summary)
@@ -150,16 +175,38 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
               f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}\nsummary   {run_dir / 'summary.json'}\n"
               f"final     train/loss {summary['train_loss']:.4f}  val/loss {summary['val_loss']:.4f}  "
               f"({summary['steps']} steps, {summary['tokens']:,} tokens)")
+    finish_wandb(trainer, summary)  # one W&B run per job: close it (a multirun's next cell opens its own)
     return summary
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from train.slurm import Preempted, requeue_after
+    from train.sweep import in_multirun, record_cell
+
+    multirun = in_multirun()
     try:
         summary = run(cfg)
-    except ConfigError as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None
+    except Preempted as p:  # checkpoint written at a step boundary: requeue the SLURM job (bounded)
+        requeued, why = requeue_after(p, int(cfg.get("preemption", {}).get("max_requeues", 0)))
+        if requeued:
+            log.warning("%s; %s", p, why)
+            raise SystemExit(0) from None  # not an error; submitit writes no result, the requeued job will
+        log.error("%s; not requeued: %s", p, why)
+        if multirun:
+            record_cell("failed", error=f"{p}; not requeued: {why}")
+            return None
+        raise SystemExit(3) from None
+    except Exception as e:
+        if multirun:  # a failed cell is recorded and the sweep goes on (summary.json marks it)
+            record_cell("failed", error=e)
+            return None
+        if isinstance(e, ConfigError):
+            log.error("%s", e)
+            raise SystemExit(2) from None
+        raise
+    if multirun:
+        record_cell("ok", summary=summary)
     return summary["val_loss"]
 
 

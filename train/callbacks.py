@@ -44,7 +44,7 @@ class MetricsCSV(L.Callback):
         self.path = Path(path)
         self.rows: dict[int, dict] = {}
 
-    def on_fit_start(self, trainer, pl_module):
+    def on_train_start(self, trainer, pl_module):  # not on_fit_start: global_step is restored only after it
         self.rows = {}
         if self.path.exists():
             with open(self.path, newline="") as f:
@@ -89,18 +89,27 @@ class LoggerBridge(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.last_metrics is not None:
+            from train.stability import grouped  # W&B gets the grouped names only (lr -> train/lr, ...)
+
             for logger in trainer.loggers:
-                logger.log_metrics(pl_module.last_metrics, step=trainer.global_step)
+                logger.log_metrics(grouped(pl_module.last_metrics), step=trainer.global_step)
 
     def on_validation_end(self, trainer, pl_module):
         if pl_module.val_loss is not None and not trainer.sanity_checking:
             for logger in trainer.loggers:
-                logger.log_metrics({"val/loss": pl_module.val_loss}, step=trainer.global_step)
+                logger.log_metrics({"val/loss": pl_module.val_loss,
+                                    "tokens": trainer.global_step * pl_module.tokens_per_step}, step=trainer.global_step)
 
 
 class PeriodicCheckpoint(L.Callback):
     """checkpoints/step-XXXXXXXX.ckpt every `every` steps and at the end, `last.ckpt` always
-    pointing at the newest (a hard link when possible), and only the newest `keep` step files."""
+    pointing at the newest (a hard link when possible), and only the newest `keep` step files.
+
+    With FSDP's sharded checkpoints each step-XXXXXXXX.ckpt is a directory (one shard file per
+    rank + meta.pt, written to a .tmp directory and renamed by the strategy) and last.ckpt is a
+    relative symbolic link to the newest one; the same retention applies.
+
+    `every` <= 0 writes no checkpoint at all (benchmarks)."""
 
     def __init__(self, dirpath: Path, every: int, keep: int):
         self.dir = Path(dirpath)
@@ -109,6 +118,8 @@ class PeriodicCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
+        if self.every <= 0:
+            return
         if step % self.every == 0 or step >= trainer.max_steps:
             self.save(trainer, step)
 
@@ -123,13 +134,22 @@ class PeriodicCheckpoint(L.Callback):
         if trainer.global_rank == 0:
             self._point_last(path, last)
             for old in sorted(self.dir.glob("step-*.ckpt"))[:-self.keep]:
-                old.unlink()
+                if old.is_dir() and not old.is_symlink():
+                    import shutil
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
         trainer.strategy.barrier()
 
     @staticmethod
     def _point_last(path: Path, last: Path) -> None:
         tmp = last.with_name("last.ckpt.tmp")
         tmp.unlink(missing_ok=True)
+        if path.is_dir():  # sharded checkpoint directory: a relative link (survives moving the run dir)
+            from train.strategy import replace_dir
+            os.symlink(path.name, tmp)
+            replace_dir(tmp, last)
+            return
         try:
             os.link(path, tmp)
         except OSError:  # no hard links (some network filesystems): copy

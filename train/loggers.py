@@ -1,10 +1,22 @@
-"""Lightning loggers from the `logger` config group. metrics.csv is written by a callback in every case."""
+"""Lightning loggers from the `logger` config group. metrics.csv is written by a callback in every case.
+
+`logger=wandb`: one W&B run per training job, created on global rank 0 only. Project/entity from
+the config; group = the sweep (`logger.group`, else `experiment_name`, else $PELAB_SWEEP_ID, else
+the Hydra `experiment=` choice, else the Hydra multirun directory name); name
+`{model}-{pe}[-kvshift]-s{seed}`; tags model/pe/data; the full resolved config. The run id lives in
+`<run_dir>/wandb_id.txt` (the group in `wandb_group.txt`), so a resumed or requeued job continues the
+same run (`resume="allow"`).
+Without an API key it logs offline to `<run_dir>/wandb/offline-run-*` (upload with `wandb sync`).
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import struct
 from pathlib import Path
 
+import lightning as L
 from omegaconf import DictConfig
 
 log = logging.getLogger("pelab")
@@ -22,33 +34,194 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
+def _global_rank() -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """The W&B group of this run: the sweep it belongs to (None for a lone run)."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    if cfg.get("experiment_name"):
+        return str(cfg.experiment_name)
+    if os.environ.get("PELAB_SWEEP_ID"):
+        return os.environ["PELAB_SWEEP_ID"]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            experiment = hc.runtime.choices.get("experiment")
+            if experiment and experiment != "null":
+                return str(experiment)
+            if hc.mode == RunMode.MULTIRUN:
+                return f"multirun-{Path(hc.sweep.dir).name}"
+    except Exception:  # noqa: BLE001  (no Hydra runtime: tests, scripts)
+        pass
+    return None
+
+
+def run_display_name(cfg: DictConfig) -> str:
+    return f"{cfg.model.name}-{cfg.pe.name}{'-kvshift' if cfg.kv_shift else ''}-s{cfg.seed}"
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if cfg.logger.name == "csv":
         return []
     if cfg.logger.name != "wandb":
         raise ValueError(f"unknown logger {cfg.logger.name!r}; choose logger=csv or logger=wandb")
+    if _global_rank() != 0:  # one W&B run per job: only global rank 0 logs (and owns wandb_id.txt)
+        return []
     from lightning.pytorch.loggers import WandbLogger
     from omegaconf import OmegaConf
 
     mode = wandb_mode(cfg.logger.mode)
     if mode == "offline":
-        log.info("W&B: no API key found, logging offline to %s/wandb (upload later with `wandb sync %s/wandb/offline-run-*`)",
-                 run_dir, run_dir)
+        log.warning("W&B: no API key found, logging offline to %s/wandb; upload later with `wandb sync %s/wandb/offline-run-*`",
+                    run_dir, run_dir)
     # The run id lives in the run dir so a resumed or requeued job continues the same W&B run.
     id_file = run_dir / "wandb_id.txt"
     if id_file.exists():
         run_id = id_file.read_text().strip()
     else:
-        import wandb
+        import secrets
+        import string
 
-        run_id = wandb.util.generate_id()
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id format
         run_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id + "\n")
-    group = cfg.logger.group or cfg.get("experiment_name") or os.environ.get("PELAB_SWEEP_ID")
+        tmp = id_file.with_name(id_file.name + ".tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, id_file)
+    # The group too: a run resumed outside its sweep (a plain `python -m train` in the cell's dir) stays in it.
+    group_file = run_dir / "wandb_group.txt"
+    group = sweep_group(cfg)
+    if group is None and group_file.exists():
+        group = group_file.read_text().strip() or None
+    elif group is not None and not group_file.exists():
+        group_file.write_text(group + "\n")
     return [WandbLogger(
-        project=cfg.logger.project, entity=cfg.logger.entity, group=group,
-        name=f"{cfg.model.name}-{cfg.pe.name}{'-kvshift' if cfg.kv_shift else ''}-s{cfg.seed}",
+        project=cfg.logger.project, entity=cfg.logger.entity, group=group, name=run_display_name(cfg),
         tags=[f"model:{cfg.model.name}", f"pe:{cfg.pe.name}", f"data:{cfg.data.name}", *cfg.logger.tags],
         id=run_id, resume="allow", save_dir=str(run_dir), mode=mode,
         config=OmegaConf.to_container(cfg, resolve=True),
     )]
+
+
+def _wandb_loggers(loggers) -> list:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in loggers if isinstance(lg, WandbLogger)]
+
+
+class WandbRun(L.Callback):
+    """Declares the metric sections (x-axis = tokens) when the run starts, and closes the W&B run if
+    training dies, so the next run in the same process (a Hydra multirun) gets its own."""
+
+    def on_fit_start(self, trainer, pl_module):
+        from train.stability import SECTIONS
+
+        for lg in _wandb_loggers(trainer.loggers):
+            exp = lg.experiment
+            if not hasattr(exp, "define_metric"):
+                continue
+            exp.define_metric("tokens")
+            for section in SECTIONS:
+                exp.define_metric(f"{section}/*", step_metric="tokens", step_sync=True)
+
+    def on_exception(self, trainer, pl_module, exception):
+        for lg in _wandb_loggers(trainer.loggers):
+            if lg._experiment is not None:
+                lg.experiment.finish(exit_code=1)
+                lg._experiment = None
+
+
+def finish_wandb(trainer, summary: dict | None = None) -> None:
+    """Write the run's summary (final/best numbers) into the W&B run and close it."""
+    for lg in _wandb_loggers(trainer.loggers):
+        if lg._experiment is None:
+            continue
+        exp = lg.experiment
+        if summary:
+            keep = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and v is not None}
+            exp.summary.update({f"final/{k}": v for k, v in keep.items()})
+        exp.finish()
+        lg._experiment = None
+
+
+def log_offset_curves(loggers, doc: dict) -> None:
+    """The Behind-RoPE per-offset mean-score curves (one line per layer) and NR table to W&B."""
+    wl = _wandb_loggers(loggers)
+    if not wl:
+        return
+    import wandb
+
+    offsets = doc["offsets"]
+    layers = doc["layers"]
+    plot = wandb.plot.line_series(xs=offsets, ys=[layer["offset_mean"] for layer in layers],
+                                  keys=[f"L{i}" for i in range(len(layers))], xname="offset i-j",
+                                  title=f"mean pre-softmax score by offset (step {doc['step']})")
+    table = wandb.Table(columns=["layer", "nr"], data=[[i, layer["nr"]] for i, layer in enumerate(layers)])
+    for lg in wl:
+        lg.experiment.log({"attn/offset_curve": plot, "attn/nr_table": table, "tokens": doc["tokens"],
+                           "trainer/global_step": doc["step"]})
+
+
+# ---- reading an offline run back (tests, and `train.report` on runs that were never synced) --------
+
+def read_wandb_records(path: Path) -> list:
+    """Protobuf records of a W&B transaction log (`run-<id>.wandb`): a 7-byte header (":W&B", magic,
+    version), then LevelDB-style 32 KiB blocks of records (crc32 4, length 2, type 1: full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    block, pos, pending, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            out.append(pending + chunk)
+            pending = b""
+        else:  # zero padding at the end of a block
+            pos += block - pos % block if pos % block else 0
+    return [pb.Record.FromString(c) for c in out]
+
+
+def read_wandb_offline(run_dir: Path) -> dict:
+    """{"id", "group", "name", "tags", "config", "history": [row dicts]} of the newest offline run
+    under <run_dir>/wandb (history rows of every offline-run-* with the same id, in order)."""
+    dirs = sorted(Path(run_dir).glob("wandb/offline-run-*"))
+    if not dirs:
+        raise FileNotFoundError(f"no offline W&B run under {run_dir}/wandb")
+    info: dict = {"history": [], "config": {}, "metrics": []}
+    for d in dirs:
+        for f in sorted(d.glob("run-*.wandb")):
+            for r in read_wandb_records(f):
+                kind = r.WhichOneof("record_type")
+                if kind == "run":
+                    info.update(id=r.run.run_id, group=r.run.run_group, name=r.run.display_name,
+                                project=r.run.project, tags=list(r.run.tags))
+                    for item in r.run.config.update:
+                        info["config"][item.key] = json.loads(item.value_json)
+                elif kind == "history":
+                    info["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                            for item in r.history.item})
+                elif kind == "metric":
+                    info["metrics"].append({"name": r.metric.name, "glob": r.metric.glob_name,
+                                            "step_metric": r.metric.step_metric})
+    return info

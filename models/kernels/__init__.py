@@ -119,6 +119,24 @@ def _register_builtin() -> None:
     register_kernel("eager", -1, lambda q, k, v, b: True, dense_attention)
     # The official GRAPE approach: a dense fp32 bias through SDPA (mem-efficient kernel). Reference row in benchmarks.
     register_kernel("sdpa_dense_bias", -1, lambda q, k, v, b: b is not None, _sdpa_dense_bias)
+    # Own Triton kernels for the additive biases (LowRankBias: ALiBi, FoX, GRAPE-A; PathSumBias:
+    # GRAPE-AP). CUDA only in auto mode; on CPU they run only under TRITON_INTERPRET=1 in tests.
+    from models.kernels import flex, triton_lowrank, triton_pathsum
+
+    def _triton_supports(q, k, v, b):
+        if isinstance(b, PathSumBias):
+            return triton_pathsum.supports(q, k, v, b)
+        return b is not None and triton_lowrank.supports(q, k, v, b)
+
+    def _triton_run(q, k, v, b, scale):
+        return (triton_pathsum.run if isinstance(b, PathSumBias) else triton_lowrank.run)(q, k, v, b, scale)
+
+    register_kernel("triton", 55, _triton_supports, _triton_run)
+    # FlexAttention with a score_mod for LowRankBias (CUDA only): "flex" takes any low-rank bias when
+    # asked for; "flex_const" is the same kernel, preferred automatically for biases without gradients
+    # (ALiBi), where it measured faster than the triton kernel (bench/NOTES.md).
+    register_kernel("flex", 52, flex.supports, flex.run)
+    register_kernel("flex_const", 56, flex.supports_constant, flex.run)
     try:
         from models.kernels import flash_attn_kernel  # noqa: F401  (optional extra [flash])
     except ImportError:

@@ -1,0 +1,1 @@
+"""Benchmarks for pelab (`python -m bench.bench`)."""

@@ -1,0 +1,273 @@
+"""Attention kernels vs the dense fp32 reference (`eager`): outputs and every gradient.
+
+CPU (make test): the Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1, set
+here before the kernels' JIT code is first imported) at tiny shapes: T not a multiple of the
+block, GQA, head dims 16/32/64, ranks 0..4, broadcast factors, FoX-sized cumulative sums.
+GPU (skipped without CUDA): T=4096, bf16, realistic FoX / ALiBi / GRAPE-A / GRAPE-AP values, for
+the triton and flex backends, against an fp32 reference; errors must stay at the level of plain
+bf16 attention.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Read by triton when a kernel is first defined (lazily, on the first call), not at import.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+from models.kernels import attend, select_kernel  # noqa: E402
+from models.kernels import triton_lowrank, triton_pathsum  # noqa: E402
+from models.kernels.bias import LowRankBias, PathSumBias  # noqa: E402
+from models.kernels.reference import dense_attention  # noqa: E402
+from models.kernels.testing import realistic_biases  # noqa: E402
+from models.kernels.triton_lowrank import lowrank_attention  # noqa: E402
+from models.kernels.triton_pathsum import pathsum_attention  # noqa: E402
+
+CPU_TOL = 1e-4  # fp32 inputs in the interpreter: errors are ~1e-6
+# GRAPE-AP runs its probe products and in-tile prefix sums as bf16 hi+lo pairs on the tensor cores
+# (~2^-16 relative): errors ~5e-5 even for fp32 inputs, far below bf16 attention's ~1e-2.
+PATHSUM_TOL = 4e-4
+
+
+def _rel(x, y):
+    return ((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30)).item()
+
+
+def _grads(fn, inputs, do):
+    out = fn()
+    return [out, *torch.autograd.grad(out, inputs, do, retain_graph=True)]
+
+
+def _qkv(B, Hq, Hkv, T, D, dtype=torch.float32, device="cpu", gen=None):
+    mk = lambda h: torch.randn(B, h, T, D, dtype=dtype, device=device, generator=gen).requires_grad_()  # noqa: E731
+    return mk(Hq), mk(Hkv), mk(Hkv)
+
+
+@contextmanager
+def allow_cpu():
+    triton_lowrank.ALLOW_CPU_INTERPRET[0] = True
+    try:
+        yield
+    finally:
+        triton_lowrank.ALLOW_CPU_INTERPRET[0] = False
+
+
+# ---- CPU / interpreter ------------------------------------------------------------------------------
+
+LOWRANK_SHAPES = [  # B, Hq, Hkv, T, D, R, factor batch
+    (1, 2, 2, 40, 32, 1, 1),
+    (2, 4, 2, 50, 32, 3, 1),   # GQA, broadcast factors, T % block != 0
+    (1, 2, 1, 64, 64, 2, 1),   # GQA 2:1, T a multiple of every block
+    (2, 2, 2, 37, 16, 4, 2),   # per-batch factors, rank 4
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,R,FB", LOWRANK_SHAPES)
+def test_triton_lowrank_matches_reference(B, Hq, Hkv, T, D, R, FB):
+    g = torch.Generator().manual_seed(1000 + T + R)
+    q, k, v = _qkv(B, Hq, Hkv, T, D, gen=g)
+    a = torch.randn(FB, Hq, T, R, generator=g).requires_grad_()
+    b = (3 * torch.randn(FB, Hq, T, R, generator=g)).requires_grad_()
+    bias = LowRankBias(a, b)
+    ins = [q, k, v, a, b]
+    do = torch.randn(B, Hq, T, D, generator=g)
+    got = _grads(lambda: lowrank_attention(q, k, v, bias, D ** -0.5), ins, do)
+    ref = _grads(lambda: dense_attention(q, k, v, bias, D ** -0.5), ins, do)
+    names = ["out", "dq", "dk", "dv", "dA", "dB"]
+    for n, x, y in zip(names, got, ref):
+        assert x.shape == y.shape, n
+        assert _rel(x, y) < CPU_TOL, f"{n}: rel err {_rel(x, y):.2e}"
+
+
+def test_triton_lowrank_fox_scale_and_no_bias():
+    """FoX: bias c_i - c_j with |c| in the thousands (rank 1, key term -c_j), gate grads through
+    the cumsum; plus the bias-free path (rank 0)."""
+    g = torch.Generator().manual_seed(7)
+    B, H, T, D = 1, 2, 48, 32
+    q, k, v = _qkv(B, H, H, T, D, gen=g)
+    logit = (torch.randn(B, H, T, generator=g) + 1.0).requires_grad_()
+    do = torch.randn(B, H, T, D, generator=g)
+
+    def fox(kernel):
+        # the offset stands for a long prefix: |c| ~ 3e3 as at T=4096, bias c_i - c_j unchanged
+        c = F.logsigmoid(logit).cumsum(-1) - 3000.0
+        bias = LowRankBias(torch.ones(1, H, T, 1), -c[..., None])
+        return kernel(q, k, v, bias, D ** -0.5)
+
+    got = _grads(lambda: fox(lowrank_attention), [q, k, v, logit], do)
+    ref = _grads(lambda: fox(dense_attention), [q, k, v, logit], do)
+    for x, y in zip(got, ref):
+        assert _rel(x, y) < CPU_TOL
+    got = _grads(lambda: lowrank_attention(q, k, v, None, D ** -0.5), [q, k, v], do)
+    ref = _grads(lambda: dense_attention(q, k, v, None, D ** -0.5), [q, k, v], do)
+    for x, y in zip(got, ref):
+        assert _rel(x, y) < CPU_TOL
+
+
+PATHSUM_SHAPES = [  # B, Hq, Hkv, T, D, P, alpha grad
+    (1, 2, 2, 40, 32, 8, True),
+    (2, 4, 2, 50, 32, 8, True),   # GQA, T % block != 0
+    (1, 2, 1, 64, 64, 4, False),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,P,AG", PATHSUM_SHAPES)
+def test_triton_pathsum_matches_reference(B, Hq, Hkv, T, D, P, AG):
+    g = torch.Generator().manual_seed(2000 + T + P)
+    q, k, v = _qkv(B, Hq, Hkv, T, D, gen=g)
+    qp = torch.randn(B, Hq, T, P, generator=g).requires_grad_()
+    kp = torch.randn(B, Hq, T, P, generator=g).requires_grad_()
+    alpha = (torch.rand(Hq, generator=g) + 0.2).requires_grad_(AG)
+    bias = PathSumBias(qp, kp, alpha, 1.0 / P)
+    ins = [q, k, v, qp, kp] + ([alpha] if AG else [])
+    do = torch.randn(B, Hq, T, D, generator=g)
+    got = _grads(lambda: pathsum_attention(q, k, v, bias, D ** -0.5), ins, do)
+    ref = _grads(lambda: dense_attention(q, k, v, bias, D ** -0.5), ins, do)
+    names = ["out", "dq", "dk", "dv", "dqp", "dkp", "dalpha"]
+    for n, x, y in zip(names, got, ref):
+        assert x.shape == y.shape, n
+        assert _rel(x, y) < PATHSUM_TOL, f"{n}: rel err {_rel(x, y):.2e}"
+
+
+def test_backend_selection_on_cpu():
+    """auto never picks the Triton kernels on CPU; backend=triton runs them (interpreter) and
+    dispatches on the bias type; flex is CUDA only."""
+    g = torch.Generator().manual_seed(3)
+    B, T, H, D = 1, 24, 2, 16
+    q = torch.randn(B, T, H, D, generator=g)
+    lr = LowRankBias(torch.randn(1, H, T, 1, generator=g), torch.randn(1, H, T, 1, generator=g))
+    ps = PathSumBias(torch.randn(B, H, T, 4, generator=g), torch.randn(B, H, T, 4, generator=g), torch.rand(H), 0.25)
+    qh = q.transpose(1, 2)
+    for bias in (None, lr, ps):
+        assert select_kernel(qh, qh, qh, bias).name in ("sdpa", "chunked")
+    with allow_cpu():
+        for bias in (lr, ps):
+            out = attend(q, q, q, bias, backend="triton")
+            ref = attend(q, q, q, bias, backend="eager")
+            assert out.shape == (B, T, H, D)
+            assert _rel(out, ref) < PATHSUM_TOL
+    with pytest.raises(ValueError, match="cannot run"):
+        attend(q, q, q, lr, backend="flex")
+    with pytest.raises(ValueError, match="cannot run"):
+        attend(q, q, q, lr, backend="triton")  # CPU without the explicit test switch
+
+
+def test_custom_ops_fake_tensor_shapes():
+    """The custom ops' fake implementations agree with the real ones (what torch.compile relies on)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(4)
+    B, H, T, D, R = 1, 2, 20, 16, 2
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    a, b = torch.randn(B, H, T, R, generator=g), torch.randn(B, H, T, R, generator=g)
+    o, lse, _ = torch.ops.pelab.lowrank_attn_fwd(q, k, v, a, b, 0.25, R, False)
+    with FakeTensorMode() as mode:
+        fo, flse, _ = torch.ops.pelab.lowrank_attn_fwd(*(mode.from_tensor(t) for t in (q, k, v, a, b)), 0.25, R, False)
+    assert (fo.shape, fo.stride(), flse.shape) == (o.shape, o.stride(), lse.shape)
+    qp, kp, al = torch.randn(B, H, T, 8, generator=g), torch.randn(B, H, T, 8, generator=g), torch.rand(H)
+    o, lse = torch.ops.pelab.pathsum_attn_fwd(q, k, v, qp, kp, al, 0.25, 0.125)
+    with FakeTensorMode() as mode:
+        fo, flse = torch.ops.pelab.pathsum_attn_fwd(*(mode.from_tensor(t) for t in (q, k, v, qp, kp, al)), 0.25, 0.125)
+    assert (fo.shape, fo.stride(), flse.shape) == (o.shape, o.stride(), lse.shape)
+
+
+@pytest.mark.parametrize("pe,compiled", [({"name": "fox"}, False), ({"name": "grape_ap"}, True)])
+def test_model_end_to_end_triton_vs_eager(pe, compiled):
+    """A small GPT with backend=triton (optionally every block torch.compile'd: custom ops, fake
+    kernels and autograd inside one graph, no graph break) matches backend=eager in loss and in
+    every parameter gradient, PE parameters included."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from models.config import GPTConfig
+    from models.gpt import GPT
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(name="t", vocab_size=128, n_layer=2, d_model=64, n_head=4, head_dim=16, mlp_hidden=96,
+                    max_seq_len=64, pe=pe, attention_backend="triton")
+    model = GPT(cfg)
+    ref = GPT(GPTConfig(**{**cfg.__dict__, "attention_backend": "eager"}))
+    ref.load_state_dict(model.state_dict())
+    idx, tgt = torch.randint(0, 128, (2, 40)), torch.randint(0, 128, (2, 40))
+    torch._dynamo.reset()
+    counters.clear()
+    with allow_cpu():
+        if compiled:
+            for block in model.blocks:
+                block.compile()
+        loss = model.loss(idx, tgt)["loss"]
+        loss.backward()
+    ref_loss = ref.loss(idx, tgt)["loss"]
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        assert _rel(p.grad, r.grad) < PATHSUM_TOL, name
+    torch._dynamo.reset()
+
+
+# ---- GPU: T=4096, bf16, realistic values ---------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("pe", ["alibi", "fox", "fox_fp32delta", "grape_a_qk", "grape_ap"])
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_gpu_t4096_bf16(pe, backend, monkeypatch):
+    """bf16 kernels vs the fp32 reference at T=4096 with realistic values. The yardstick per output is
+    what bf16 costs anyway: the same fp32 reference fed bf16-rounded q/k/v (input rounding, which
+    dominates the bias-factor gradients: they are sums of dS through cumulative sums), and plain
+    bf16 SDPA's own error for out/dq/dk/dv."""
+    if backend == "flex" and pe in ("grape_ap", "fox_fp32delta"):
+        pytest.skip("flex has no path-sum bias / no fp32-delta option")
+    if pe == "grape_ap":
+        monkeypatch.setenv("PELAB_TRITON_PATHSUM", "1")
+    tag = pe
+    if pe == "fox_fp32delta":
+        pe = "fox"
+        monkeypatch.setattr(triton_lowrank, "FP32_DELTA", [True])
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(5)
+    B, H, T, D = 1, 4, 4096, 128
+    bias, leaves = realistic_biases(B, H, T, dev, g)[pe]
+    q, k, v = (torch.randn(B, T, H, D, device=dev, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(B, T, H, D, device=dev, generator=g)
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (qb, kb, vb))  # bf16-rounded, fp32 math
+    got = _grads(lambda: attend(qb, kb, vb, bias, backend=backend), [qb, kb, vb] + leaves, do.bfloat16())
+    ref = _grads(lambda: attend(q, k, v, bias, backend="eager"), [q, k, v] + leaves, do)
+    rnd = _grads(lambda: attend(qr, kr, vr, bias, backend="eager"), [qr, kr, vr] + leaves, do)
+    base = _grads(lambda: attend(qb, kb, vb, None, backend="sdpa_flash"), [qb, kb, vb], do.bfloat16())
+    bref = _grads(lambda: attend(q, k, v, None, backend="eager"), [q, k, v], do)
+    report = {}
+    names = ["out", "dq", "dk", "dv", "bias1", "bias2"]
+    for i, (n, x, y) in enumerate(zip(names, got, ref)):
+        floor = _rel(rnd[i], y)
+        if i < 4:
+            floor = max(floor, _rel(base[i], bref[i]))
+        report[n] = {"err": _rel(x, y), "floor": floor}
+    path = os.environ.get("PELAB_KERNEL_REPORT")
+    if path:
+        import json
+
+        with open(path, "a") as f:
+            f.write(json.dumps({"pe": tag, "backend": backend, **report}) + "\n")
+    if tag == "grape_ap":
+        pytest.xfail("GRAPE-AP dK/dV kernel is wrong on H200 (bench/NOTES.md); kernel disabled on CUDA")
+    for n, r in report.items():
+        tol = 3 * r["floor"] + 2e-3
+        if tag == "fox" and n == "bias1":
+            # The FoX gate gradient is a suffix sum of column sums of dS: the row-sum error that the
+            # bf16-rounded O puts into delta accumulates (triton 0.19 and flex 0.20 on H200). The fp32-
+            # delta option (triton_lowrank.FP32_DELTA, tested as fox_fp32delta) targets it.
+            tol = 0.3
+        assert r["err"] < tol, f"{tag}/{backend} {n}: rel err {r['err']:.2e} (bf16 floor {r['floor']:.2e})"

@@ -1,0 +1,297 @@
+"""Load a model, its tokenizer and its training config from a Lightning checkpoint or a run directory.
+
+A run directory (`runs/<name>/`) holds `config.yaml` (the resolved training config) and
+`checkpoints/last.ckpt`; a checkpoint holds the weights (`state_dict`, keys prefixed `model.`) and
+`checkpoint["pelab"]["model_cfg"]` (the `GPTConfig` dict). Either may be given.
+
+Context extension (RoPE++ long-context stage, position interpolation, YaRN) is applied here, on top
+of the checkpoint's PE config:
+  * rotary PEs with fixed frequencies (`rope`, `ropepp_eh`, `ropepp_ec`): `base`, `scaling`
+    (none | linear | yarn), `factor` and `original_max_len` go to the PE's constructor; their
+    `inv_freq` is a non-persistent buffer, so the checkpoint loads unchanged;
+  * rotary PEs with learned frequencies (`grape_m`, `grape_m_ctx`): the learned log-frequencies are
+    rescaled after loading, the way the same knob changes RoPE's i-th frequency (`adapt_learned_frequencies`);
+  * any other PE has no rotary frequencies and refuses these overrides.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from models.config import GPTConfig
+from models.gpt import GPT
+
+log = logging.getLogger("pelab.eval")
+
+ROTARY_KEYS = ("base", "scaling", "factor", "original_max_len")
+# Attention is causal and position-free in the backbone, so the only length limit is this guard.
+EVAL_MAX_SEQ_LEN = 1 << 24
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run directory that cannot be evaluated; the message names the fix."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A `.ckpt` file, or a run directory (-> `checkpoints/last.ckpt`)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    for cand in (p, p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+        if cand.is_dir() and ((cand / ".metadata").exists() or any(cand.glob("*.distcp"))):
+            raise CheckpointError(f"{cand} is a sharded (FSDP) checkpoint; make it one file first: "
+                                  f"python -m train.consolidate {cand} <file.ckpt>")
+        if cand.is_file():
+            return cand
+    if p.is_dir():
+        ckpts = [c for c in sorted(p.glob("checkpoints/*.ckpt")) or sorted(p.glob("*.ckpt")) if c.is_file()]
+        if ckpts:
+            return ckpts[-1]
+        raise CheckpointError(f"{p} holds no checkpoint (expected checkpoints/last.ckpt); pass checkpoint=<file.ckpt>")
+    raise CheckpointError(f"checkpoint {p} not found; pass checkpoint=<run dir or .ckpt file>")
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory a checkpoint belongs to (where eval outputs go by default)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def training_config(ckpt: Path) -> DictConfig | None:
+    for cand in (ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml"):
+        if cand.is_file():
+            return OmegaConf.load(cand)
+    return None
+
+
+def _clean_overrides(overrides: dict | None) -> dict:
+    return {k: v for k, v in dict(overrides or {}).items() if v is not None}
+
+
+def _learned_rotary(pe) -> bool:
+    return hasattr(pe, "log_freq") and hasattr(pe, "log_freq_scale") and hasattr(pe, "freqs")
+
+
+def _fixed_rotary(pe) -> bool:
+    from models.pe.rope import RoPE
+
+    return isinstance(pe, RoPE)
+
+
+def effective_pe(pe_cfg: dict, overrides: dict, train_len: int | None) -> dict:
+    """The PE config after context-extension overrides (`original_max_len` defaults to the training
+    length when a scaling is chosen without it)."""
+    overrides = _clean_overrides(overrides)
+    out = {**pe_cfg, **overrides}
+    if overrides.get("scaling", "none") != "none" and "original_max_len" not in overrides and train_len:
+        out["original_max_len"] = int(train_len)
+    return out
+
+
+@torch.no_grad()
+def adapt_learned_frequencies(model: GPT, old_pe: dict, new_pe: dict) -> list[str]:
+    """Rescale the learned log-frequencies of GRAPE-M-style PEs as `new_pe`'s rotary knobs would change
+    RoPE's i-th frequency theta_i = base^(-2i/D):
+      base b -> b':  theta_i' = theta_i * (b / b')^(2i/D)   (ABF / the RoPE++ 10k -> 500k stage),
+      linear s:      theta_i' = theta_i / s,
+      yarn s:        theta_i' = (1 - g_i) theta_i / s + g_i theta_i, g_i = clip((r_i - 1)/31, 0, 1),
+                     r_i = original_max_len * theta_i / (2 pi)   (alpha = 1, beta = 32 as in RoPE++/YaRN).
+    YaRN's attention-temperature factor is not applied (with rotation before QK-RMSNorm it cancels anyway).
+    Returns notes describing what was done."""
+    notes = []
+    old_base, new_base = float(old_pe.get("base", 10000.0)), float(new_pe.get("base", old_pe.get("base", 10000.0)))
+    scaling = new_pe.get("scaling", "none") or "none"
+    factor = float(new_pe.get("factor", 1.0) or 1.0)
+    orig_len = int(new_pe.get("original_max_len", 4096) or 4096)
+    if scaling not in ("none", "linear", "yarn"):
+        raise CheckpointError(f"unknown pe.scaling={scaling!r}; choose none, linear or yarn")
+    for pe in model.pes():
+        if not _learned_rotary(pe):
+            continue
+        D = pe.shape.head_dim
+        planes = pe.log_freq.shape[-1]
+        log_theta = pe.log_freq.double() / pe.log_freq_scale
+        idx = torch.arange(planes, dtype=torch.float64, device=log_theta.device)
+        if new_base != old_base:
+            log_theta = log_theta + (2 * idx / D) * (math.log(old_base) - math.log(new_base))
+        if scaling != "none" and factor != 1.0:
+            theta = log_theta.exp()
+            if scaling == "linear":
+                theta = theta / factor
+            else:
+                rotations = orig_len * theta / (2 * math.pi)
+                keep = ((rotations - 1.0) / 31.0).clamp(0.0, 1.0)
+                theta = (1 - keep) * theta / factor + keep * theta
+            log_theta = theta.log()
+        pe.log_freq.copy_((log_theta * pe.log_freq_scale).to(pe.log_freq.dtype))
+    if new_base != old_base:
+        notes.append(f"learned frequencies rescaled for base {old_base:g} -> {new_base:g}")
+    if scaling != "none" and factor != 1.0:
+        notes.append(f"learned frequencies {scaling}-scaled by {factor:g} (original_max_len {orig_len})"
+                     + ("; YaRN magnitude factor not applied" if scaling == "yarn" else ""))
+    return notes
+
+
+def _probe_pe(cfg: GPTConfig):
+    """One layer's PE alone (cheap), to see which kind of positional encoding the model uses."""
+    from models.pe import build_pe
+    from models.pe.base import AttentionShape
+
+    shape = AttentionShape(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_layer, 0)
+    return build_pe(cfg.pe, shape)
+
+
+def build_model(model_cfg: dict, pe_overrides: dict | None = None, train_len: int | None = None,
+                attention_backend: str | None = None) -> tuple[GPT, dict]:
+    """An untrained GPT for `model_cfg` with the PE overrides applied to its constructor where the PE
+    takes them. Returns (model, effective pe cfg)."""
+    base_cfg = dict(model_cfg)
+    old_pe = dict(base_cfg["pe"])
+    overrides = _clean_overrides(pe_overrides)
+    new_pe = effective_pe(old_pe, overrides, train_len)
+    base_cfg["max_seq_len"] = max(int(base_cfg.get("max_seq_len", 0)), EVAL_MAX_SEQ_LEN)
+    if attention_backend:
+        base_cfg["attention_backend"] = attention_backend
+    pe0 = _probe_pe(GPTConfig.from_dict(base_cfg))
+    unknown = sorted(set(overrides) - set(ROTARY_KEYS))
+    if unknown and not _fixed_rotary(pe0):
+        raise CheckpointError(f"pe overrides {unknown} are only passed to the constructor of rope/ropepp PEs")
+    if not overrides:
+        ctor_pe = old_pe
+    elif _fixed_rotary(pe0):
+        ctor_pe = new_pe
+    elif _learned_rotary(pe0):
+        ctor_pe = old_pe  # the learned frequencies are rescaled after loading
+    else:
+        raise CheckpointError(f"pe={old_pe.get('name')} has no rotary frequencies: the context-extension overrides "
+                              f"{sorted(overrides)} (pe.base / pe.scaling / pe.factor) apply to rope, ropepp_*, "
+                              f"grape_m*")
+    base_cfg["pe"] = ctor_pe
+    return GPT(GPTConfig.from_dict(base_cfg)), new_pe
+
+
+def checkpoint_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (corrupt, truncated or foreign file)
+        raise CheckpointError(f"cannot read checkpoint {ckpt}: {e}") from None
+
+
+def model_state_dict(state: dict) -> dict[str, torch.Tensor]:
+    sd = state.get("state_dict", state)
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("model."):
+            out[k[len("model."):].replace("_orig_mod.", "")] = v
+    if not out:
+        raise CheckpointError("checkpoint has no `model.*` weights in its state_dict; is it a pelab checkpoint?")
+    return out
+
+
+def load_weights(model: GPT, state: dict, old_pe: dict, new_pe: dict) -> list[str]:
+    """Load a checkpoint's weights into `model`, then adapt learned rotary frequencies to `new_pe`."""
+    missing, unexpected = model.load_state_dict(model_state_dict(state), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}; was it trained with another model/pe config?")
+    if any(_learned_rotary(pe) for pe in model.pes()):
+        return adapt_learned_frequencies(model, old_pe, new_pe)
+    return []
+
+
+@dataclass
+class Loaded:
+    model: GPT
+    tokenizer: Any
+    model_cfg: dict
+    train_cfg: DictConfig | None
+    ckpt: Path
+    run_dir: Path
+    train_len: int
+    step: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    pe: dict
+    pe_overrides: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+
+    def describe(self) -> dict:
+        return {"checkpoint": str(self.ckpt), "step": self.step, "model": self.model_cfg.get("name"),
+                "pe": self.pe, "pe_overrides": self.pe_overrides, "train_len": self.train_len,
+                "device": self.device.type, "precision": self.precision, "notes": self.notes}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU (as in training), fp32 on CPU."""
+    if precision in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision in ("bf16", "bf16-mixed", "bfloat16"):
+        return torch.bfloat16
+    if precision in ("fp32", "32", "32-true", "float32"):
+        return None
+    raise CheckpointError(f"eval.precision must be auto, bf16 or fp32, got {precision!r}")
+
+
+def tokenizer_for(train_cfg: DictConfig | None, vocab_size: int):
+    from data.tokenizer import load_tokenizer, tokenizer_from_cfg
+
+    tok = tokenizer_from_cfg(train_cfg.data.tokenizer) if train_cfg is not None else load_tokenizer("gpt2")
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size}; "
+                              f"set data.tokenizer in the run's config.yaml to the one it was trained with")
+    return tok
+
+
+def load(checkpoint: str | Path, pe_overrides: dict | None = None, *, device: str = "auto",
+         precision: str = "auto", attention_backend: str | None = None, train_len: int | None = None) -> Loaded:
+    """Model (eval mode, on `device`), tokenizer and training config of a checkpoint or run dir."""
+    ckpt = resolve_checkpoint(checkpoint)
+    state = checkpoint_state(ckpt)
+    train_cfg = training_config(ckpt)
+    model_cfg = (state.get("pelab") or {}).get("model_cfg")
+    if model_cfg is None:
+        if train_cfg is None:
+            raise CheckpointError(f"{ckpt} has no pelab model config and no config.yaml next to it")
+        from train.config import model_config
+
+        model_cfg = model_config(train_cfg).__dict__.copy()
+    if train_len is None:
+        train_len = int(OmegaConf.select(train_cfg, "trainer.seq_len", default=0) or 0) if train_cfg else 0
+    if not train_len:
+        raise CheckpointError(f"no config.yaml next to {ckpt} tells the training length; pass eval.train_len=<tokens>")
+    model, new_pe = build_model(model_cfg, pe_overrides, train_len, attention_backend)
+    notes = load_weights(model, state, dict(model_cfg["pe"]), new_pe)
+    dev = pick_device(device)
+    model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = tokenizer_for(train_cfg, int(model_cfg["vocab_size"]))
+    return Loaded(model=model, tokenizer=tok, model_cfg=dict(model_cfg), train_cfg=train_cfg, ckpt=ckpt,
+                  run_dir=run_dir_of(ckpt), train_len=int(train_len), step=int(state.get("global_step", 0)),
+                  device=dev, autocast_dtype=pick_autocast(precision, dev), pe=new_pe,
+                  pe_overrides=_clean_overrides(pe_overrides), notes=notes)
+
+
+def init_from(model: GPT, path: str | Path, new_pe: dict) -> list[str]:
+    """Continued training: start `model` (built with the new PE config, e.g. `pe.base=500000`) from the
+    weights of a checkpoint or run dir; learned rotary frequencies are adapted to the new config."""
+    ckpt = resolve_checkpoint(path)
+    state = checkpoint_state(ckpt)
+    old_pe = (state.get("pelab") or {}).get("model_cfg", {}).get("pe", new_pe)
+    notes = load_weights(model, state, dict(old_pe), dict(new_pe))
+    return [f"weights of {ckpt} (step {state.get('global_step', '?')}), pe {dict(old_pe)} -> {dict(new_pe)}", *notes]
