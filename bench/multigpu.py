@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     a.pes = [x for x in a.pes.split(",") if x]
     a.modes = [m for m in a.modes.split(",") if m]
     for m in a.modes:
-        if m not in ("ddp2", "fsdp2"):
-            p.error(f"--modes: unknown {m!r} (ddp2, fsdp2)")
+        if m not in MODES or MODES[m][0] == 1:
+            p.error(f"--modes: unknown {m!r} ({', '.join(k for k, v in MODES.items() if v[0] > 1)})")
     for mb in (a.micro_batch, 2 * a.micro_batch):
         if a.global_seqs % mb:
             p.error(f"--global-seqs {a.global_seqs} must be a multiple of {mb} (micro-batch x 1 and x 2)")

@@ -58,11 +58,13 @@ class ValBatches(IterableDataset):
     """
 
     def __init__(self, windows: ValWindows, rank: int, world_size: int, micro_batch_size: int):
+        if len(windows) < world_size:
+            raise ValueError(f"{len(windows)} val windows cannot give one to each of {world_size} ranks; "
+                             f"raise data.val_tokens.")
+        # Few windows (a small val range on many ranks): smaller val batches rather than none.
+        micro_batch_size = min(micro_batch_size, len(windows) // world_size)
         self.windows, self.rank, self.world_size, self.micro_batch_size = windows, rank, world_size, micro_batch_size
         self.num_batches = len(windows) // (world_size * micro_batch_size)
-        if self.num_batches == 0:
-            raise ValueError(f"{len(windows)} val windows cannot fill one batch of {micro_batch_size} on each of "
-                             f"{world_size} ranks; raise data.val_tokens.")
 
     def __len__(self) -> int:
         return self.num_batches
