@@ -12,16 +12,23 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    # Read by triton when a kernel is first defined (lazily, on the first call), not at import.
-    os.environ["TRITON_INTERPRET"] = "1"
+# Triton decides "interpreted or compiled" when a @triton.jit function is defined, and its own
+# standard library (tl.zeros, reductions) is defined when triton is first imported, which other
+# tests may already have done. So the CPU tests run in a fresh interpreter that sets
+# TRITON_INTERPRET=1 before importing anything (test_cpu_kernels_in_subprocess).
+IN_SUBPROCESS = os.environ.get("PELAB_KERNEL_SUBPROCESS") == "1"
+cpu_kernel_test = pytest.mark.skipif(HAS_CUDA or not IN_SUBPROCESS,
+                                     reason="CPU interpreter test: runs inside test_cpu_kernels_in_subprocess")
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -53,6 +60,17 @@ def _qkv(B, Hq, Hkv, T, D, dtype=torch.float32, device="cpu", gen=None):
     return mk(Hq), mk(Hkv), mk(Hkv)
 
 
+@pytest.mark.skipif(HAS_CUDA or IN_SUBPROCESS, reason="the GPU tests run here; the CPU tests are inside")
+def test_cpu_kernels_in_subprocess():
+    """Run this file's CPU interpreter tests in a fresh Python with TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PELAB_KERNEL_SUBPROCESS="1")
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                        "-k", "not in_subprocess"], env=env, cwd=repo, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
 @contextmanager
 def allow_cpu():
     triton_lowrank.ALLOW_CPU_INTERPRET[0] = True
@@ -72,6 +90,7 @@ LOWRANK_SHAPES = [  # B, Hq, Hkv, T, D, R, factor batch
 ]
 
 
+@cpu_kernel_test
 @pytest.mark.parametrize("B,Hq,Hkv,T,D,R,FB", LOWRANK_SHAPES)
 def test_triton_lowrank_matches_reference(B, Hq, Hkv, T, D, R, FB):
     g = torch.Generator().manual_seed(1000 + T + R)
@@ -89,6 +108,7 @@ def test_triton_lowrank_matches_reference(B, Hq, Hkv, T, D, R, FB):
         assert _rel(x, y) < CPU_TOL, f"{n}: rel err {_rel(x, y):.2e}"
 
 
+@cpu_kernel_test
 def test_triton_lowrank_fox_scale_and_no_bias():
     """FoX: bias c_i - c_j with |c| in the thousands (rank 1, key term -c_j), gate grads through
     the cumsum; plus the bias-free path (rank 0)."""
@@ -121,6 +141,7 @@ PATHSUM_SHAPES = [  # B, Hq, Hkv, T, D, P, alpha grad
 ]
 
 
+@cpu_kernel_test
 @pytest.mark.parametrize("B,Hq,Hkv,T,D,P,AG", PATHSUM_SHAPES)
 def test_triton_pathsum_matches_reference(B, Hq, Hkv, T, D, P, AG):
     g = torch.Generator().manual_seed(2000 + T + P)
@@ -139,6 +160,7 @@ def test_triton_pathsum_matches_reference(B, Hq, Hkv, T, D, P, AG):
         assert _rel(x, y) < PATHSUM_TOL, f"{n}: rel err {_rel(x, y):.2e}"
 
 
+@cpu_kernel_test
 def test_backend_selection_on_cpu():
     """auto never picks the Triton kernels on CPU; backend=triton runs them (interpreter) and
     dispatches on the bias type; flex is CUDA only."""
@@ -162,6 +184,7 @@ def test_backend_selection_on_cpu():
         attend(q, q, q, lr, backend="triton")  # CPU without the explicit test switch
 
 
+@cpu_kernel_test
 def test_custom_ops_fake_tensor_shapes():
     """The custom ops' fake implementations agree with the real ones (what torch.compile relies on)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -181,6 +204,7 @@ def test_custom_ops_fake_tensor_shapes():
     assert (fo.shape, fo.stride(), flse.shape) == (o.shape, o.stride(), lse.shape)
 
 
+@cpu_kernel_test
 @pytest.mark.parametrize("pe,compiled", [({"name": "fox"}, False), ({"name": "grape_ap"}, True)])
 def test_model_end_to_end_triton_vs_eager(pe, compiled):
     """A small GPT with backend=triton (optionally every block torch.compile'd: custom ops, fake

@@ -2,6 +2,7 @@
 
 1. a two-cell multirun through hydra/launcher=slurm (submitit: one job per cell, two srun tasks = two
    Lightning DDP ranks per job), after the launcher refused a missing partition and an impossible GPU count;
+   one cell's job gets submitit's pre-timeout signal mid-run, requeues itself and finishes;
 2. the sbatch route (slurm/train.sbatch) for an uninterrupted run;
 3. the same run interrupted twice: the pre-timeout signal (SIGUSR1 as `--signal=SIGUSR1@90` sends it) in the
    middle of a step -> checkpoint + self-requeue, then a hard `scontrol requeue` (SIGTERM, resume from the
@@ -152,26 +153,44 @@ def test_launcher_multirun_one_job_per_cell(cluster, data_dir, tmp_path):
     assert r.returncode == 2 and "gpus_per_node=1 is impossible" in r.stdout + r.stderr
     assert _sh("squeue", "-h", "-o", "%i").stdout.split() == before and not (runs / "multirun").exists()
 
-    # Two cells, one SLURM job each; the launcher waits for both.
-    r = subprocess.run([*common, "pe=rope,nope", "trainer.max_steps=6", f"trainer.global_batch_tokens={512}"],
-                       cwd=REPO, capture_output=True, text=True, env=_env(), timeout=900)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
+    # Two cells, one SLURM job each; the launcher waits for both. The first cell's job gets submitit's
+    # pre-timeout signal (USR2) mid-run: both ranks stop at the same step, it checkpoints and requeues itself.
+    launcher = subprocess.Popen([*common, "pe=rope,nope", "trainer.max_steps=12", "optim.decay_steps=12"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        def running_cell():
+            for m in runs.glob("multirun/*/*/metrics.csv"):
+                if _last_step(m.parent) >= 4:
+                    return m.parent
+            return None
+
+        cell = _wait(running_cell, 600, "a cell to reach step 4")
+        jid = _sh("squeue", "-h", "-t", "RUNNING", "-o", "%i").stdout.split()[0]
+        _sh("scancel", "--signal=USR2", jid)
+        _wait(lambda: _requeued_and_pending(jid, 1), 180, "the cell's job to requeue itself")
+        _release(jid)
+        out, _ = launcher.communicate(timeout=900)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, out[-4000:]
     (sweep,) = (runs / "multirun").iterdir()
     summary = json.loads((sweep / "summary.json").read_text())
     assert summary["counts"] == {"ok": 2}, summary
     jobs = set()
     for row in summary["rows"]:
-        assert row["steps"] == 6 and row["val_loss"] < 11.0 and row["tokens_per_s"] > 0
+        assert row["steps"] == 12 and row["val_loss"] < 11.0 and row["tokens_per_s"] > 0
         status = json.loads((Path(row["run_dir"]) / "status.json").read_text())
         assert status["status"] == "ok" and re.fullmatch(r"\d+_\d", status["slurm_job_id"])
         jobs.add(status["slurm_job_id"])
         log = (Path(row["run_dir"]) / "__main__.log").read_text()
         assert f"| {tasks} process(es)" in log  # the world came from srun's tasks, not the config
     assert len(jobs) == 2 and sorted(row["pe"] for row in summary["rows"]) == ["nope", "rope"]
+    history = json.loads((cell / "requeue.json").read_text())["history"]
+    assert len(history) == 1 and history[0]["job"] == jid and history[0]["signal"] == "SIGUSR2"
+    assert "Restoring states from the checkpoint" in (cell / "__main__.log").read_text()
     logs = list(sweep.glob(".submitit/*/*_log.out"))
-    assert len(logs) == 2 * tasks and all("Job completed successfully" in p.read_text() for p in logs
-                                          if p.name.endswith("_0_log.out"))
+    assert len(logs) == 2 * tasks
 
 
 def test_sbatch_route_and_requeue_resume_exactly(cluster, data_dir, tmp_path):
@@ -224,3 +243,4 @@ def test_sbatch_route_and_requeue_resume_exactly(cluster, data_dir, tmp_path):
         assert s["steps"] == 24 and s["val_loss"] < 11.0
     steps = [int(r["step"]) for r in csv.DictReader(open(run_dir / "metrics.csv", newline=""))]
     assert steps == sorted(set(steps)) and steps[-1] == 24  # no step logged twice across the requeues
+    assert steps[:2] == [2, 4]  # and the rows from before the requeues are kept

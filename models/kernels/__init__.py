@@ -119,8 +119,9 @@ def _register_builtin() -> None:
     register_kernel("eager", -1, lambda q, k, v, b: True, dense_attention)
     # The official GRAPE approach: a dense fp32 bias through SDPA (mem-efficient kernel). Reference row in benchmarks.
     register_kernel("sdpa_dense_bias", -1, lambda q, k, v, b: b is not None, _sdpa_dense_bias)
-    # Own Triton kernels for the additive biases (LowRankBias: ALiBi, FoX, GRAPE-A; PathSumBias:
-    # GRAPE-AP). CUDA only in auto mode; on CPU they run only under TRITON_INTERPRET=1 in tests.
+    # Own Triton kernels for the additive biases (LowRankBias: FoX, GRAPE-A-Q/K/QK, ALiBi when asked;
+    # PathSumBias: GRAPE-AP, CUDA only with PELAB_TRITON_PATHSUM=1 because its dK/dV kernel is wrong on
+    # H200, see bench/NOTES.md). Never auto on CPU; there they run under TRITON_INTERPRET=1 in tests.
     from models.kernels import flex, triton_lowrank, triton_pathsum
 
     def _triton_supports(q, k, v, b):
