@@ -32,6 +32,9 @@ test: $(STAMP)  ## run the test suite (CPU)
 test-slurm: $(STAMP)  ## real-Slurm tests; starts (and stops) a one-node cluster from Debian's Slurm if none is reachable
 	PELAB_SLURM_START=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py $(ARGS)
 
+bench: $(STAMP)  ## GPU throughput table: real training steps per (model, PE) cell (ARGS to override)
+	$(PY) -m bench.bench --models gpt_355m --seq-len 4096 --micro-batch 20 --pes rope,nope,ropepp_eh,ropepp_ec,grape_m,grape_m_ctx,grape_a_q,grape_a_k,grape_a_qk,grape_ap,alibi,fox --dense-ref alibi:20,grape_a_qk:4,grape_ap:1 $(ARGS)
+
 sweep: $(STAMP)  ## the PE matrix as a Hydra multirun (ARGS="experiment=grape_medium hydra/launcher=slurm ...")
 	$(PY) -m train -m +sweep=pe_matrix $(ARGS)
 

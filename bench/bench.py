@@ -511,11 +511,10 @@ def ap_debug(args) -> list[dict]:
 
 
 def micro_ce(args) -> list[dict]:
-    """fwd+bwd of the LM head + cross-entropy at (micro_batch * seq_len) rows: models.loss (the
-    trainer's) vs models.kernels.fused_ce (candidate); losses and gradients compared."""
+    """fwd+bwd of the LM head + cross-entropy at (micro_batch * seq_len) rows: the trainer's fused
+    chunked path (models.loss, chunk 8192) vs plain full logits (chunk 0); losses and gradients compared."""
     import torch
 
-    from models.kernels.fused_ce import linear_cross_entropy_fast
     from models.loss import linear_cross_entropy
 
     dev = torch.device("cuda")
@@ -525,10 +524,10 @@ def micro_ce(args) -> list[dict]:
     w = (torch.randn(V, C, device=dev, generator=g) * 0.02).requires_grad_()
     t = torch.randint(0, 50257, (n,), device=dev, generator=g)
     rows, grads = [], {}
-    for name, fn in (("models.loss", linear_cross_entropy), ("fused_ce", linear_cross_entropy_fast)):
+    for name, chunk in (("plain", 0), ("fused", 8192)):
         def step():
             h.grad = w.grad = None
-            loss, _, _ = fn(h, w, t, 8192)
+            loss, _, _ = linear_cross_entropy(h, w, t, chunk)
             loss.backward()
             return loss
         try:
@@ -544,7 +543,7 @@ def micro_ce(args) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if len(grads) == 2:
-        a, b = grads["models.loss"], grads["fused_ce"]
+        a, b = grads["plain"], grads["fused"]
         rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
         print(json.dumps({"loss_diff": abs(a[0] - b[0]), "dh_rel": rel(b[1], a[1]), "dw_rel": rel(b[2], a[2])}), flush=True)
     return rows

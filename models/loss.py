@@ -14,10 +14,37 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
+def _softmax_grad(logits: Tensor, targets: Tensor, scale: Tensor, z_loss: float):
+    """Gradient of sum_i scale_i * (lse_i - logit_i,t + z lse_i^2) w.r.t. the (n, V) logits (in their
+    dtype), and the fp32 sums of loss, lse and lse^2 over the valid rows. One fused kernel on GPU."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    safe_t = targets.clamp(min=0)
+    target_logit = lf.gather(1, safe_t[:, None])[:, 0]
+    valid = (scale > 0).float()
+    g = torch.exp(lf - lse[:, None]) * (1.0 + 2.0 * z_loss * lse[:, None])
+    onehot = torch.arange(lf.shape[1], device=lf.device)[None, :] == safe_t[:, None]
+    g = (g - onehot.float()) * scale[:, None]
+    sums = torch.stack([((lse - target_logit) * valid).sum(), (lse * valid).sum(), (lse.square() * valid).sum()])
+    return g.to(logits.dtype), sums
+
+
+_COMPILED_SOFTMAX_GRAD = {}
+
+
+def _softmax_grad_fn(device_type: str):
+    # Compiled on GPU: one pass over the bf16 logits instead of ~6 separate fp32 passes
+    # (123 -> 48 ms per 20 x 4096-token micro-batch of the 355M model on an H200, bench/NOTES.md).
+    if device_type != "cuda":
+        return _softmax_grad
+    if device_type not in _COMPILED_SOFTMAX_GRAD:
+        _COMPILED_SOFTMAX_GRAD[device_type] = torch.compile(_softmax_grad, dynamic=False)
+    return _COMPILED_SOFTMAX_GRAD[device_type]
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, z_loss: float, grad_enabled: bool):
-        n_rows = hidden.shape[0]
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1).float()
         w = weight.to(hidden.dtype)
@@ -26,41 +53,33 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_h = ctx.needs_input_grad[0] and grad_enabled
         need_w = ctx.needs_input_grad[1] and grad_enabled
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        lse_sum = hidden.new_zeros((), dtype=torch.float32)
-        lse_sq_sum = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, n_rows, chunk):
-            h, t, m = hidden[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
-            logits = (h @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = t.clamp(min=0)
-            target_logit = logits.gather(1, safe_t[:, None])[:, 0]
-            mf = m.float()
-            loss_sum += ((lse - target_logit) * mf).sum()
-            lse_sum += (lse * mf).sum()
-            lse_sq_sum += (lse.square() * mf).sum()
-            if need_h or need_w:
-                # d/dlogits [lse - logit_t + z * lse^2] = softmax * (1 + 2 z lse) - onehot(t)
-                g = torch.exp(logits - lse[:, None]) * (1.0 + 2.0 * z_loss * lse[:, None])
-                g.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-                g = (g * (mf / count)[:, None]).to(hidden.dtype)
-                if need_h:
-                    grad_h[s:s + chunk] = g @ w
-                if need_w:
-                    grad_w += (g.t() @ h).float()
+        # Weight gradient kept transposed (C, V): the layout cuBLAS runs with its fast Hopper kernels.
+        grad_wt = torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.float32, device=weight.device) if need_w else None
+        sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        scale = valid.float() / count
+        softmax_grad = _softmax_grad_fn(hidden.device.type)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            logits = h @ w.t()
+            g, part = softmax_grad(logits, targets[s:s + chunk], scale[s:s + chunk], z_loss)
             del logits
-        ctx.save_for_backward(grad_h, grad_w)
+            sums += part
+            if need_h:
+                torch.mm(g, w, out=grad_h[s:s + chunk])
+            if need_w:
+                grad_wt += h.t() @ g  # fp32 accumulation across chunks
+        ctx.save_for_backward(grad_h, grad_wt)
         ctx.weight_dtype = weight.dtype
-        loss = loss_sum / count + z_loss * lse_sq_sum / count
-        ctx.mark_non_differentiable(lse_sum, lse_sq_sum)
-        return loss, lse_sum / count, lse_sq_sum / count
+        loss = sums[0] / count + z_loss * sums[2] / count
+        lse, lse_sq = sums[1] / count, sums[2] / count
+        ctx.mark_non_differentiable(lse, lse_sq)
+        return loss, lse, lse_sq
 
     @staticmethod
     def backward(ctx, grad_loss, _g_lse, _g_lse_sq):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_wt = ctx.saved_tensors
         dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        dw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        dw = (grad_wt.t() * grad_loss).to(ctx.weight_dtype) if grad_wt is not None else None
         return dh, dw, None, None, None, None
 
 
