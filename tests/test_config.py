@@ -5,7 +5,7 @@ import pytest
 
 from train.config import CONF_DIR, compose, model_config
 
-GROUPS = ["model", "pe", "data", "optim", "trainer", "logger"]
+GROUPS = ["model", "pe", "data", "optim", "trainer", "logger", "monitor"]
 
 
 def choices(group: str) -> list[str]:
