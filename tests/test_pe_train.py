@@ -69,3 +69,23 @@ def test_short_training_run_lowers_the_loss(pe, overrides):
     assert sum(losses[-3:]) / 3 < losses[0] - 1.5, losses
     for p in model.pes():
         assert all(torch.isfinite(v) for v in p.stats().values())
+
+
+def test_cli_matrix_of_every_pe_completes(data_root, tmp_path):
+    """`python -m train -m +sweep=pe_matrix` over all PEs, through Lightning, on the embedded data."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "train", "-m", "+sweep=pe_matrix", "experiment=tiny", "trainer.max_steps=2",
+                        "monitor.enabled=false", f"paths.data={data_root}", f"paths.runs={tmp_path}"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (summary,) = tmp_path.glob("multirun/*/summary.json")
+    rows = json.loads(summary.read_text())["rows"]
+    assert sorted(row["pe"] for row in rows) == sorted(ALL_PES)
+    assert all(row["status"] == "ok" and row["steps"] == 2 and math.isfinite(row["val_loss"]) for row in rows), rows
