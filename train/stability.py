@@ -305,7 +305,7 @@ class StabilityMonitor(L.Callback):
     """Probe metrics every `probe_every` steps (rank 0) into <run_dir>/probes.csv and the loggers,
     Behind-RoPE curves into <run_dir>/diagnostics/nr-step-XXXXXXXX.json."""
 
-    def __init__(self, run_dir: Path, probe_every: int = 100, nr_every: int = 1000, probe_batch: int = 4,
+    def __init__(self, run_dir: Path, probe_every: int = 200, nr_every: int = 1000, probe_batch: int = 4,
                  probe_seq_len: int = 1024, resid_layers=None, chunk: int = 256, **_):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "probes.csv"
