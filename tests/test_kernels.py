@@ -10,7 +10,6 @@ bf16 attention.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import subprocess
 import sys

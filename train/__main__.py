@@ -6,7 +6,6 @@ checkpoints/last.ckpt.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

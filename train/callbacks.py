@@ -69,19 +69,24 @@ class MetricsCSV(L.Callback):
             self.flush(trainer)
 
     def flush(self, trainer) -> None:
-        if trainer.global_rank != 0:
-            return
-        columns = list(CSV_FIRST_COLUMNS)
-        for row in self.rows.values():
-            columns += [k for k in row if k not in columns]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            for step in sorted(self.rows):
-                w.writerow(self.rows[step])
-        os.replace(tmp, self.path)
+        if trainer.global_rank == 0:
+            write_step_csv(self.path, self.rows, CSV_FIRST_COLUMNS)
+
+
+def write_step_csv(path: Path, rows: dict[int, dict], first_columns: list[str]) -> None:
+    """Rewrite `path` atomically with one row per step (sorted); columns are the union of the rows'
+    keys after `first_columns`, so new metrics can appear at any step."""
+    columns = list(first_columns)
+    for row in rows.values():
+        columns += [k for k in row if k not in columns]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for step in sorted(rows):
+            w.writerow(rows[step])
+    os.replace(tmp, path)
 
 
 class LoggerBridge(L.Callback):

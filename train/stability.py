@@ -444,17 +444,9 @@ class StabilityMonitor(L.Callback):
         log_offset_curves(trainer.loggers, doc)
 
     def _flush(self) -> None:
-        columns = ["step", "tokens"]
-        for row in self.rows.values():
-            columns += [k for k in row if k not in columns]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            for s in sorted(self.rows):
-                w.writerow(self.rows[s])
-        os.replace(tmp, self.path)
+        from train.callbacks import write_step_csv
+
+        write_step_csv(self.path, self.rows, ["step", "tokens"])
 
 
 def _rms(x: Tensor) -> Tensor:
