@@ -29,3 +29,13 @@ def test_defaults_are_the_cpu_default_job():
 
 def test_kv_shift_reaches_the_model():
     assert model_config(compose(["kv_shift=true"])).kv_shift is True
+
+
+def test_sweep_cell_dirnames_fit_the_file_system():
+    from train.config import short_dirname
+
+    short = "pe=rope,seed=1"
+    assert short_dirname(short) == short
+    long_a, long_b = "x=" + "a" * 300 + ",pe=rope", "x=" + "a" * 300 + ",pe=nope"
+    assert len(short_dirname(long_a).encode()) <= 200
+    assert short_dirname(long_a) != short_dirname(long_b)

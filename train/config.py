@@ -11,8 +11,19 @@ from models.config import GPTConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def short_dirname(name: str, limit: int = 200) -> str:
+    """A sweep cell's directory name (its overrides), cut to fit file-system limits (255 bytes) with a
+    hash of the full name so distinct cells stay distinct."""
+    import hashlib
+
+    if len(name.encode()) <= limit:
+        return name
+    return name.encode()[:limit - 9].decode(errors="ignore") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("pelab.if", lambda cond, a, b: a if cond else b, replace=True)
+    OmegaConf.register_new_resolver("pelab.dirname", short_dirname, replace=True)
 
 
 register_resolvers()
