@@ -17,6 +17,18 @@ TINY = ["model=gpt_tiny", "trainer.seq_len=64", "trainer.micro_batch_size=4", "t
         "optim.warmup_steps=2"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on busy 2-core hosts
+    (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data_cache")

@@ -22,12 +22,7 @@ from tests.test_eval_scoring import shared_eval_dir
 FAST_EVAL = ["eval.limit=2", "ppl.multiples=[1,2,4]", "retrieval.lengths=[160,256]", "retrieval.depths=[0.0,1.0]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -123,13 +123,7 @@ def toeplitz_defect(s: torch.Tensor) -> torch.Tensor:
     return d[..., torch.ones(T, T, dtype=torch.bool).tril()].abs().max()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on busy 2-core hosts."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- registry and configs -------------------------------------------------------------------------

@@ -38,13 +38,7 @@ def batch(gen: torch.Generator, perm: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP oversubscription on busy 2-core hosts."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("pe,overrides", ARMS, ids=[f"{p}{'+' + ','.join(o) if o else ''}" for p, o in ARMS])
