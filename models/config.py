@@ -16,6 +16,8 @@ class GPTConfig:
     n_kv_head: int | None = None  # None: multi-head attention (= n_head)
     head_dim: int | None = None  # None: d_model // n_head
     mlp_hidden: int | None = None  # None: floor(8/3 * d_model) (SwiGLU)
+    # The SwiGLU runs at a width padded to this multiple (zero rows/columns, no parameters: same model).
+    mlp_pad_to: int = 64
     tie_embeddings: bool = True
     qk_norm: bool = True
     norm_eps: float = 1e-5

@@ -15,14 +15,24 @@ from models.pe import PositionalEncoding
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    """SwiGLU MLP. `pad_to`: GRAPE's hidden width 2730 is not a multiple of 8, so activation rows
+    miss the 16-byte alignment of cuBLAS's Hopper GEMMs (it falls back to an sm80 kernel). The
+    weights are zero-padded to a multiple of `pad_to` inside forward: the padded units are
+    silu(0) * 0 = 0 and get no parameters, so the function and every gradient are unchanged."""
+
+    def __init__(self, d_model: int, hidden: int, pad_to: int = 0):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.pad = (-hidden) % pad_to if pad_to > 0 else 0
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        w_gate, w_up, w_down = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if self.pad:
+            w_gate, w_up = F.pad(w_gate, (0, 0, 0, self.pad)), F.pad(w_up, (0, 0, 0, self.pad))
+            w_down = F.pad(w_down, (0, self.pad))
+        return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
 class Block(nn.Module):
@@ -31,7 +41,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.mlp_pad_to)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         x = x + self.attn(self.attn_norm(x), positions)

@@ -64,13 +64,6 @@ def _prefix_cols(x, tri):
 
 
 @triton.jit
-def _prefix_rows(tri, x):
-    """tri @ x: an in-tile prefix sum along x's rows."""
-    x_hi, x_lo = _split(x)
-    return tl.dot(tri, x_lo, tl.dot(tri, x_hi))
-
-
-@triton.jit
 def _psi(z, alpha2):
     """psi2 = alpha * log2(e) * logsigmoid(z) (alpha2 = alpha*log2e), plus e = exp(-|z|)."""
     e = tl.math.exp2(-tl.abs(z) * LOG2E)
@@ -277,10 +270,13 @@ def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT
 # ---- backward: dK/dV (and dkp), one program per (KV head, key block) -----------------------------
 
 @triton.jit
-def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, lower, slower,
+def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                 q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt, NT, n_tab,
                 lo, hi, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2, pscale,
                 BLOCK_M: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr, PREC: tl.constexpr):
+    # Tiles are laid out (query rows, key columns) as in the dQ sweep, and dK/dV/dkp take transposed
+    # products. (A (key, query) layout with the prefix as lower-triangular @ x was exact in the
+    # interpreter but made illegal memory accesses on the H200.)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m0
@@ -293,24 +289,24 @@ def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, lower, slower,
                      other=0.0)
         c0 = tl.load(ct_base + rows * NT + n_tab, mask=row_ok, other=0.0)
         e0 = tl.load(et_base + rows * NT + n_tab, mask=row_ok, other=0.0)
-        zT = _dot3(kp, tl.trans(qp)) * pscale  # (N, M)
-        psi2T, eT, l1pT = _psi(zT, alpha2)
-        cT = c0[None, :] + _prefix_rows(lower, psi2T)
-        sT = tl.dot(k, tl.trans(q)) * sm_scale2 - cT
-        pT = tl.math.exp2(sT - lse[None, :])
-        causal = rows[None, :] >= offs_n[:, None]
+        z = _dot3(qp, tl.trans(kp)) * pscale  # (M, N)
+        psi2, e, l1p = _psi(z, alpha2)
+        c_tile = c0[:, None] + _prefix_cols(psi2, upper)
+        s = tl.dot(q, tl.trans(k)) * sm_scale2 - c_tile
+        p = tl.math.exp2(s - lse[:, None])
+        causal = rows[:, None] >= offs_n[None, :]
         if MASK:
-            pT = tl.where(causal, pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv)
-        dpT = tl.dot(v, tl.trans(do))
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk)
-        eTile = e0[None, :] + _prefix_rows(slower, dsT)
-        sig = tl.where(zT >= 0, eT, 1.0) / (1.0 + eT)
-        dzT = eTile * sig * (alpha * pscale)
+            p = tl.where(causal, p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+        e_tile = e0[:, None] + _prefix_cols(ds, supper)
+        sig = tl.where(z >= 0, e, 1.0) / (1.0 + e)
+        dz = e_tile * sig * (alpha * pscale)
         if MASK:
-            dzT = tl.where(causal, dzT, 0.0)
-        dkp += _dot3(dzT, qp)
+            dz = tl.where(causal, dz, 0.0)
+        dkp += _dot3(tl.trans(dz), qp)
     return dk, dv, dkp
 
 
@@ -338,8 +334,8 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     hi_diag = tl.minimum(start_n + BLOCK_N, T)
     tri = tl.arange(0, BLOCK_N)
-    lower = _bf16((tri[None, :] <= tri[:, None]).to(tl.float32))  # lower @ x = inclusive prefix along rows
-    slower = _bf16((tri[None, :] < tri[:, None]).to(tl.float32))
+    upper = _bf16((tri[:, None] <= tri[None, :]).to(tl.float32))
+    supper = _bf16((tri[:, None] < tri[None, :]).to(tl.float32))
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -355,11 +351,11 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
         ct_base = CT + bh * T * NT
         et_base = ET + bh * T * NT
         dkp = tl.zeros([BLOCK_N, PP], tl.float32)
-        dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, lower, slower,
+        dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                                   q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt,
                                   NT, pid_n, start_n, hi_diag, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2, pscale,
                                   BLOCK_M, True, EVEN_T, PREC)
-        dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, lower, slower,
+        dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                                   q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt,
                                   NT, pid_n, start_n + BLOCK_N, T, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2,
                                   pscale, BLOCK_M, False, EVEN_T, PREC)

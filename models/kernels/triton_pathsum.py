@@ -31,7 +31,7 @@ MAX_PROBE_DIM = 64
 # must be a multiple of the dQ BLOCK_N.
 CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
     "fwd": {16: (128, 64, 4, 2), 32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (128, 64, 8, 2)},
-    "dkdv": {16: (16, 64, 4, 2), 32: (16, 64, 4, 2), 64: (16, 64, 4, 2), 128: (16, 64, 8, 2)},
+    "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
     "dq": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (128, 32, 8, 2)},
 }
 def _env_override() -> None:
@@ -109,7 +109,7 @@ def pathsum_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, qp: Tensor, kp
                                                               HAS_LO=False)
     bm_kv, tb, w_kv, st_kv = _cfg("dkdv", D, q.device)
     bm_q, bn_q, w_q, st_q = _cfg("dq", D, q.device)
-    assert tb % bn_q == 0, "dK/dV BLOCK_N must be a multiple of the dQ BLOCK_N"
+    assert tb % bn_q == 0 and tb % bm_kv == 0, "dK/dV BLOCK_N must be a multiple of the dQ BLOCK_N and the dK/dV BLOCK_M"
     nt = triton_cdiv(T, tb)
     ct = torch.empty(B, H, T, nt, device=q.device, dtype=torch.float32)
     et = torch.empty(B, H, T, nt, device=q.device, dtype=torch.float32)

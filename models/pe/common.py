@@ -45,3 +45,41 @@ class FP32Params(nn.Module):
 def cache_detached(module: nn.Module, name: str, value: Tensor) -> None:
     """Keep a detached view of a forward-pass tensor for `stats()` (no copy, no extra kernel)."""
     setattr(module, name, value.detach())
+
+
+@torch.library.custom_op("pelab::cos_sin", mutates_args=())
+def _cos_sin(angles: Tensor) -> tuple[Tensor, Tensor]:
+    return angles.cos(), angles.sin()
+
+
+@_cos_sin.register_fake
+def _(angles):
+    return torch.empty_like(angles), torch.empty_like(angles)
+
+
+def _cos_sin_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output)
+
+
+def _cos_sin_backward(ctx, grad_cos, grad_sin):
+    cos, sin = ctx.saved_tensors
+    grad = torch.zeros_like(cos)
+    if grad_cos is not None:
+        grad = grad - sin * grad_cos
+    if grad_sin is not None:
+        grad = grad + cos * grad_sin
+    return grad
+
+
+_cos_sin.register_autograd(_cos_sin_backward, setup_context=_cos_sin_setup)
+
+
+def half_split_cos_sin(angles: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., D/2) fp32 angles -> cos, sin of shape (..., D) for the half-split rotary layout.
+
+    cos/sin run as one opaque op: left to the compiler, they were inlined into the rotation kernel
+    and recomputed for every (batch, head) element with libdevice's large-argument sin/cos (a 22 ms
+    kernel per 355M step on the H200, bench/NOTES.md); this way the small table is computed once.
+    """
+    cos, sin = _cos_sin(angles.float().contiguous())
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)

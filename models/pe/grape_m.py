@@ -42,14 +42,8 @@ from torch import Tensor, nn
 
 from models.pe import register
 from models.pe.base import PositionalEncoding
-from models.pe.common import FP32Params, cache_detached, softplus_inverse
+from models.pe.common import FP32Params, cache_detached, half_split_cos_sin, softplus_inverse
 from models.pe.rope import apply_rotary, rope_inv_freq
-
-
-def _cos_sin(angles: Tensor) -> tuple[Tensor, Tensor]:
-    """(..., D/2) fp32 angles -> cos, sin of shape (..., D) for the half-split layout."""
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
 
 
 def _sinc_cosc(z: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -153,7 +147,7 @@ class GrapeM(FP32Params, PositionalEncoding):
             with torch.autocast(device_type=q.device.type, enabled=False):
                 a, b = self.plane_vectors()
             return self.rodrigues(q, positions, a, b), self.rodrigues(k, positions, a, b)
-        cos, sin = _cos_sin(positions.float()[:, None, None] * self.freqs()[None])  # (T, kv_heads or 1, D)
+        cos, sin = half_split_cos_sin(positions.float()[:, None, None] * self.freqs()[None])  # (T, kv_heads or 1, D)
         q_heads = q.shape[2]
         return (apply_rotary(q, self._per_query_head(cos, q_heads), self._per_query_head(sin, q_heads)),
                 apply_rotary(k, cos, sin))
@@ -216,7 +210,7 @@ class GrapeMCtx(FP32Params, PositionalEncoding):
         return F.pad(omega.cumsum(dim=1)[:, :-1], (1, 0))
 
     def rotate(self, q: Tensor, k: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
-        cos, sin = _cos_sin(phase[..., None] * self.freqs())  # (B, T, D)
+        cos, sin = half_split_cos_sin(phase[..., None] * self.freqs())  # (B, T, D)
         cos, sin = cos[:, :, None], sin[:, :, None]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from models.pe import register
 from models.pe.base import PositionalEncoding
+from models.pe.common import half_split_cos_sin
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: str = "none", factor: float = 1.0,
@@ -40,9 +41,10 @@ def rotate_half(x: Tensor) -> Tensor:
 
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, magnitude: float = 1.0) -> tuple[Tensor, Tensor]:
     """cos/sin of shape (T, 1, D) in fp32, broadcastable over (B, T, H, D)."""
-    angles = positions.float()[:, None] * inv_freq.float()[None, :]
-    angles = torch.cat((angles, angles), dim=-1)[:, None, :]
-    return angles.cos() * magnitude, angles.sin() * magnitude
+    cos, sin = half_split_cos_sin(positions.float()[:, None] * inv_freq.float()[None, :])
+    if magnitude != 1.0:
+        cos, sin = cos * magnitude, sin * magnitude
+    return cos[:, None, :], sin[:, None, :]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
