@@ -252,8 +252,6 @@ def test_gpu_t4096_bf16(pe, backend, monkeypatch):
     bf16 SDPA's own error for out/dq/dk/dv."""
     if backend == "flex" and pe in ("grape_ap", "fox_fp32delta"):
         pytest.skip("flex has no path-sum bias / no fp32-delta option")
-    if pe == "grape_ap":
-        monkeypatch.setenv("PELAB_TRITON_PATHSUM", "1")
     tag = pe
     if pe == "fox_fp32delta":
         pe = "fox"
@@ -284,13 +282,12 @@ def test_gpu_t4096_bf16(pe, backend, monkeypatch):
 
         with open(path, "a") as f:
             f.write(json.dumps({"pe": tag, "backend": backend, **report}) + "\n")
-    if tag == "grape_ap":
-        pytest.xfail("GRAPE-AP dK/dV kernel is wrong on H200 (bench/NOTES.md); kernel disabled on CUDA")
     for n, r in report.items():
         tol = 3 * r["floor"] + 2e-3
-        if tag == "fox" and n == "bias1":
+        if tag.startswith("fox") and n == "bias1":
             # The FoX gate gradient is a suffix sum of column sums of dS: the row-sum error that the
             # bf16-rounded O puts into delta accumulates (triton 0.19 and flex 0.20 on H200). The fp32-
-            # delta option (triton_lowrank.FP32_DELTA, tested as fox_fp32delta) targets it.
-            tol = 0.3
+            # delta option (triton_lowrank.FP32_DELTA) removes that part (0.069 on H200); the rest comes
+            # from the bf16 dO and P of every flash backward.
+            tol = 0.1 if tag == "fox_fp32delta" else 0.3
         assert r["err"] < tol, f"{tag}/{backend} {n}: rel err {r['err']:.2e} (bf16 floor {r['floor']:.2e})"

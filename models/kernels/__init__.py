@@ -120,8 +120,7 @@ def _register_builtin() -> None:
     # The official GRAPE approach: a dense fp32 bias through SDPA (mem-efficient kernel). Reference row in benchmarks.
     register_kernel("sdpa_dense_bias", -1, lambda q, k, v, b: b is not None, _sdpa_dense_bias)
     # Own Triton kernels for the additive biases (LowRankBias: FoX, GRAPE-A-Q/K/QK, ALiBi when asked;
-    # PathSumBias: GRAPE-AP, CUDA only with PELAB_TRITON_PATHSUM=1 because its dK/dV kernel is wrong on
-    # H200, see bench/NOTES.md). Never auto on CPU; there they run under TRITON_INTERPRET=1 in tests.
+    # PathSumBias: GRAPE-AP). Never auto on CPU; there they run under TRITON_INTERPRET=1 in tests.
     from models.kernels import flex, triton_lowrank, triton_pathsum
 
     def _triton_supports(q, k, v, b):

@@ -25,8 +25,8 @@ HEAD_DIMS = (16, 32, 64, 128)
 # Chosen on one H200 (bench/NOTES.md). Tests and benchmarks may override entries.
 CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
     "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dkdv": {16: (64, 128, 8, 2), 32: (64, 128, 8, 2), 64: (64, 128, 8, 2), 128: (64, 128, 8, 2)},
-    "dq": {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2)},
+    "dkdv": {16: (64, 128, 8, 3), 32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 128: (64, 128, 8, 3)},
+    "dq": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
 }
 def _env_override() -> None:
     """PELAB_TRITON_CONFIGS='{"lowrank": {"dkdv": [64, 128, 8, 2]}}' overrides launch configs (all head dims)."""

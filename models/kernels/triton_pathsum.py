@@ -2,12 +2,10 @@
 b(t, j) = sum_{l=j+1..t} alpha_h * logsigmoid(scale * <qp_t, kp_l>) is built inside the kernel
 from the (B, H, T, P) probes, forward and backward, gradients to q, k, v, both probes and alpha.
 
-STATUS (bench/NOTES.md): exact in the CPU interpreter (tests/test_kernels.py), and on one H200 the
-forward, dQ and d(query probe) outputs match the fp32 reference at T=4096 (bf16 level), but the
-dK/dV/d(key probe) kernel returns wrong values there (and an illegal address with num_stages=1),
-and it is slow (~40 ms per layer call at B20 T4096). Until that is fixed the kernel is NOT used on
-CUDA: `supports` refuses CUDA inputs unless PELAB_TRITON_PATHSUM=1 (for debugging it), so GRAPE-AP
-runs on `chunked` (auto) or `sdpa_dense_bias` (explicit).
+Checked against the fp32 reference on the CPU interpreter (tests/test_kernels.py) and on the H200
+at T=4096 (bf16-level errors for every output; bench/NOTES.md). The dK/dV kernel lays its tiles out
+as (query rows, key columns) like the dQ sweep: a transposed layout was exact in the interpreter but
+made illegal memory accesses on the H200.
 
 No T x T tensor exists. The backward keeps two transient (B, H, T, T/TB) fp32 prefix tables
 (TB = the dK/dV kernel's key block), freed after the call; see `_tl_pathsum.py`. The probe
@@ -31,7 +29,7 @@ MAX_PROBE_DIM = 64
 # must be a multiple of the dQ BLOCK_N.
 CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
     "fwd": {16: (128, 64, 4, 2), 32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (128, 64, 8, 2)},
-    "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
+    "dkdv": {16: (16, 64, 4, 2), 32: (16, 64, 4, 2), 64: (16, 64, 4, 2), 128: (16, 64, 4, 2)},
     "dq": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (128, 32, 8, 2)},
 }
 def _env_override() -> None:
@@ -184,8 +182,8 @@ def supports(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
         return False
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    if q.is_cuda:  # the dK/dV kernel is wrong on H200 (module docstring): opt-in only
-        return _has_triton() and os.environ.get("PELAB_TRITON_PATHSUM", "0") == "1"
+    if q.is_cuda:
+        return _has_triton()
     return interpret_mode() and ALLOW_CPU_INTERPRET[0] and _has_triton()
 
 
