@@ -32,13 +32,17 @@ class KVShift(nn.Module):
         self.v_proj = nn.Linear(d_model, n_heads, bias=False)
 
     @staticmethod
-    def _shift(x: Tensor, a: Tensor) -> Tensor:
+    def _shift(x: Tensor, a: Tensor, first: Tensor | None = None) -> Tensor:
         prev = F.pad(x, (0, 0, 0, 0, 1, 0))[:, :-1]
+        if first is not None:  # a document's first token has no predecessor, as at the start of a row
+            prev = prev.masked_fill(first[:, :, None, None], 0.0)
         a = a[..., None].to(x.dtype)
         return a * prev + (1 - a) * x
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self._shift(k, torch.sigmoid(self.k_proj(x))), self._shift(v, torch.sigmoid(self.v_proj(x)))
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        first = None if docs is None else F.pad(docs[:, 1:] != docs[:, :-1], (1, 0))
+        return (self._shift(k, torch.sigmoid(self.k_proj(x)), first),
+                self._shift(v, torch.sigmoid(self.v_proj(x)), first))
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,15 +63,16 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def project(self, x: Tensor, positions: Tensor):
-        """q, k, v as fed to the kernel (after KV-shift, QK-norm and the PE) and the PE's bias."""
+    def project(self, x: Tensor, positions: Tensor, docs: Tensor | None = None):
+        """q, k, v as fed to the kernel (after KV-shift, QK-norm and the PE) and the PE's bias.
+        docs: (B, T) document ids when attention is document-masked (only the KV-shift reads them)."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, T, -1, D)
         k = self.k_proj(x).view(B, T, -1, D)
         v = self.v_proj(x).view(B, T, -1, D)
         if self.kv_shift is not None:
-            k, v = self.kv_shift(x, k, v)
+            k, v = self.kv_shift(x, k, v, docs)
         pe = self.pe
         if pe.before_qk_norm:
             q, k = pe.transform_qk(q, k, x, positions)
@@ -76,7 +81,7 @@ class CausalSelfAttention(nn.Module):
             q, k = pe.transform_qk(q, k, x, positions)
         return q, k, v, pe.attention_bias(q, k, x, positions)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        q, k, v, bias = self.project(x, positions)
-        y = self.pe.transform_output(attend(q, k, v, bias, backend=self.backend), x)
+    def forward(self, x: Tensor, positions: Tensor, docs: Tensor | None = None) -> Tensor:
+        q, k, v, bias = self.project(x, positions, docs)
+        y = self.pe.transform_output(attend(q, k, v, bias, backend=self.backend, doc_ids=docs), x)
         return self.o_proj(y.flatten(2))

@@ -30,6 +30,10 @@ class GPTConfig:
     attention_backend: str = "auto"
     # Rows per chunk of the fused LM-head + cross-entropy (0: plain logits + F.cross_entropy).
     loss_chunk_rows: int = 8192
+    # Document masking: attention stays within the documents of a packed sequence, each beginning
+    # with the end-of-text token `eot_id` (train.config fills it from the tokenizer). Positions stay global.
+    document_mask: bool = False
+    eot_id: int | None = None
     pe: dict[str, Any] = field(default_factory=lambda: {"name": "rope"})
 
     def __post_init__(self):
@@ -45,6 +49,9 @@ class GPTConfig:
             raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
         if self.init not in ("grape", "normal"):
             raise ValueError(f"model.init must be 'grape' or 'normal', got {self.init!r}")
+        if self.document_mask and self.eot_id is None:
+            raise ValueError("model.document_mask needs model.eot_id, the end-of-text id that begins each document "
+                             "(train.config.model_config fills it from data.tokenizer)")
 
     @property
     def padded_vocab(self) -> int:

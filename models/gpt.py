@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from models.attention import CausalSelfAttention, RMSNorm
 from models.config import GPTConfig
+from models.kernels.documents import doc_ids_from_tokens
 from models.loss import linear_cross_entropy
 from models.pe import PositionalEncoding
 
@@ -43,8 +44,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.mlp_pad_to)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x: Tensor, positions: Tensor, docs: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, docs)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -83,17 +84,24 @@ class GPT(nn.Module):
         for pe in self.pes():
             pe.reset_parameters()
 
+    def document_ids(self, idx: Tensor) -> Tensor | None:
+        """(B, T) int32 document ids when `document_mask` is on (a document begins at each end-of-text
+        token), else None. Device-side, no host sync."""
+        return doc_ids_from_tokens(idx, self.cfg.eot_id) if self.cfg.document_mask else None
+
     def hidden_states(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Final-norm hidden states (B, T, d_model) for token ids (B, T)."""
+        """Final-norm hidden states (B, T, d_model) for token ids (B, T). Positions are global
+        (0..T-1) also with document masking."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                              f"raise model.max_seq_len or shorten the input")
         if positions is None:
             positions = torch.arange(T, device=idx.device)
+        docs = self.document_ids(idx)
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x, positions)
+            x = block(x, positions, docs)
         return self.norm(x)
 
     def forward(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:

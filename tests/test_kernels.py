@@ -2,7 +2,8 @@
 
 CPU (make test): the Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1, set
 here before the kernels' JIT code is first imported) at tiny shapes: T not a multiple of the
-block, GQA, head dims 16/32/64, ranks 0..4, broadcast factors, FoX-sized cumulative sums.
+block, GQA, head dims 16/32/64, ranks 0..4, broadcast factors, FoX-sized cumulative sums, and
+document masking (doc_ids / cu_seqlens).
 GPU (skipped without CUDA): T=4096, bf16, realistic FoX / ALiBi / GRAPE-A / GRAPE-AP values, for
 the triton and flex backends, against an fp32 reference; errors must stay at the level of plain
 bf16 attention.
@@ -133,6 +134,54 @@ def test_triton_lowrank_fox_scale_and_no_bias():
         assert _rel(x, y) < CPU_TOL
 
 
+def _doc_ids(B, T, kind, gen):
+    """(B, T) int32 document ids: random starts (two rows differ), a start on a block edge, or one
+    document per token."""
+    if kind == "tokens":
+        return torch.arange(T, dtype=torch.int32).expand(B, T).contiguous()
+    starts = torch.rand(B, T, generator=gen) < 0.12
+    starts[:, 32] = True  # a block edge (interpreter blocks are 16 and 32)
+    starts[0, T - 1] = True  # a one-token document at the end of a row
+    return starts.cumsum(1).to(torch.int32)
+
+
+DOC_SHAPES = [  # B, Hq, Hkv, T, D, R, documents
+    (2, 4, 2, 50, 32, 2, "random"),  # GQA, T % block != 0, both bias factors
+    (1, 2, 2, 64, 16, 3, "random"),  # T a multiple of every block
+    (2, 2, 1, 37, 16, 0, "random"),  # no bias (plain causal within documents)
+    (1, 2, 2, 40, 16, 1, "tokens"),  # every token its own document: each row sees only itself
+]
+
+
+@cpu_kernel_test
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,R,docs", DOC_SHAPES)
+def test_triton_lowrank_documents_match_reference(B, Hq, Hkv, T, D, R, docs):
+    g = torch.Generator().manual_seed(3000 + T + R)
+    q, k, v = _qkv(B, Hq, Hkv, T, D, gen=g)
+    ins, bias = [q, k, v], None
+    if R:
+        a = torch.randn(1, Hq, T, R, generator=g).requires_grad_()
+        b = (3 * torch.randn(B, Hq, T, R, generator=g)).requires_grad_()
+        bias, ins = LowRankBias(a, b), ins + [a, b]
+    doc = _doc_ids(B, T, docs, g)
+    do = torch.randn(B, Hq, T, D, generator=g)
+    got = _grads(lambda: lowrank_attention(q, k, v, bias, D ** -0.5, doc_ids=doc), ins, do)
+    ref = _grads(lambda: dense_attention(q, k, v, bias, D ** -0.5, doc_ids=doc), ins, do)
+    for n, x, y in zip(["out", "dq", "dk", "dv", "dA", "dB"], got, ref):
+        # one-token documents have exactly zero dq, dk and bias gradients: there the error is absolute
+        err = (x - y).norm().item() / max(y.norm().item(), 1.0)
+        assert torch.isfinite(x).all() and err < CPU_TOL, f"{n}: err {err:.2e}"
+    # packed boundaries give the same call; a single document is plain causal attention
+    cu = torch.tensor([0, 7, 30, 41, 2 * T] if B == 2 else [0, 19, T], dtype=torch.int32)
+    from models.kernels.documents import doc_ids_from_cu_seqlens
+
+    torch.testing.assert_close(lowrank_attention(q, k, v, bias, 0.25, cu_seqlens=cu),
+                               lowrank_attention(q, k, v, bias, 0.25, doc_ids=doc_ids_from_cu_seqlens(cu, B, T)))
+    one = torch.zeros(B, T, dtype=torch.int32)
+    torch.testing.assert_close(lowrank_attention(q, k, v, bias, 0.25, doc_ids=one),
+                               lowrank_attention(q, k, v, bias, 0.25), rtol=1e-6, atol=1e-6)
+
+
 PATHSUM_SHAPES = [  # B, Hq, Hkv, T, D, P, alpha grad
     (1, 2, 2, 40, 32, 8, True),
     (2, 4, 2, 50, 32, 8, True),   # GQA, T % block != 0
@@ -181,6 +230,15 @@ def test_backend_selection_on_cpu():
         attend(q, q, q, lr, backend="flex")
     with pytest.raises(ValueError, match="cannot run"):
         attend(q, q, q, lr, backend="triton")  # CPU without the explicit test switch
+    # document masking: the low-rank kernel (also without bias) runs it, the path-sum kernel cannot
+    doc = torch.tensor([[0] * 10 + [1] * 14], dtype=torch.int32)
+    with allow_cpu():
+        for bias in (None, lr):
+            out = attend(q, q, q, bias, backend="triton", doc_ids=doc)
+            assert _rel(out, attend(q, q, q, bias, backend="eager", doc_ids=doc)) < CPU_TOL
+        assert select_kernel(qh, qh, qh, ps, docs=True).name == "chunked"
+        with pytest.raises(ValueError, match="cannot apply document masking"):
+            attend(q, q, q, ps, backend="triton", doc_ids=doc)
 
 
 @cpu_kernel_test
@@ -204,11 +262,12 @@ def test_custom_ops_fake_tensor_shapes():
 
 
 @cpu_kernel_test
-@pytest.mark.parametrize("pe,compiled", [({"name": "fox"}, False), ({"name": "grape_ap"}, True)])
-def test_model_end_to_end_triton_vs_eager(pe, compiled):
+@pytest.mark.parametrize("pe,compiled,docs", [({"name": "fox"}, False, False), ({"name": "grape_ap"}, True, False),
+                                              ({"name": "fox"}, True, True)])
+def test_model_end_to_end_triton_vs_eager(pe, compiled, docs):
     """A small GPT with backend=triton (optionally every block torch.compile'd: custom ops, fake
     kernels and autograd inside one graph, no graph break) matches backend=eager in loss and in
-    every parameter gradient, PE parameters included."""
+    every parameter gradient, PE parameters included; also with document masking."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -217,11 +276,12 @@ def test_model_end_to_end_triton_vs_eager(pe, compiled):
 
     torch.manual_seed(0)
     cfg = GPTConfig(name="t", vocab_size=128, n_layer=2, d_model=64, n_head=4, head_dim=16, mlp_hidden=96,
-                    max_seq_len=64, pe=pe, attention_backend="triton")
+                    max_seq_len=64, pe=pe, attention_backend="triton", document_mask=docs, eot_id=127)
     model = GPT(cfg)
     ref = GPT(GPTConfig(**{**cfg.__dict__, "attention_backend": "eager"}))
     ref.load_state_dict(model.state_dict())
-    idx, tgt = torch.randint(0, 128, (2, 40)), torch.randint(0, 128, (2, 40))
+    idx, tgt = torch.randint(0, 127, (2, 40)), torch.randint(0, 128, (2, 40))
+    idx[0, [3, 20]] = idx[1, 33] = 127  # documents begin at these end-of-text tokens
     torch._dynamo.reset()
     counters.clear()
     with allow_cpu():

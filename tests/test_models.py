@@ -165,3 +165,142 @@ def test_bad_model_shapes_are_clear():
     m = GPT(GPTConfig(vocab_size=100, n_layer=1, d_model=32, n_head=2, max_seq_len=8))
     with pytest.raises(ValueError, match="model.max_seq_len=8"):
         m(torch.zeros(1, 9, dtype=torch.long))
+
+
+# ---- document masking ------------------------------------------------------------------------------
+
+def _docs_by_hand(q, k, v, doc):
+    """Reference of the reference: every (row, document) segment attended on its own."""
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        for d in doc[b].unique():
+            s = (doc[b] == d).nonzero()[:, 0]
+            sl = slice(int(s[0]), int(s[-1]) + 1)
+            out[b:b + 1, sl] = attend(q[b:b + 1, sl], k[b:b + 1, sl], v[b:b + 1, sl], backend="eager")
+    return out
+
+
+def test_document_ids_from_tokens_and_cu_seqlens():
+    from models.kernels import doc_ids_from_cu_seqlens, doc_ids_from_tokens
+    from models.kernels.documents import doc_bounds
+
+    idx = torch.tensor([[5, 1, 9, 2, 9, 9, 3], [9, 1, 2, 3, 4, 9, 6]])
+    doc = doc_ids_from_tokens(idx, eot_id=9)  # each eot opens a document
+    assert doc.dtype == torch.int32 and doc.tolist() == [[0, 0, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 2, 2]]
+    start, end = doc_bounds(doc)
+    assert start.tolist() == [[0, 0, 2, 2, 4, 5, 5], [0, 0, 0, 0, 0, 5, 5]]
+    assert end.tolist() == [[2, 2, 4, 4, 5, 7, 7], [5, 5, 5, 5, 5, 7, 7]]
+    cu = torch.tensor([0, 2, 4, 5, 9, 14], dtype=torch.int32)  # the document 5..8 runs into row 1
+    assert doc_ids_from_cu_seqlens(cu, 2, 7).tolist() == [[0, 0, 1, 1, 2, 3, 3], [3, 3, 4, 4, 4, 4, 4]]
+
+
+def test_document_masking_eager_chunked_and_by_hand():
+    torch.manual_seed(0)
+    B, T = 2, 45
+    q = torch.randn(B, T, 4, 16, requires_grad=True)
+    k = torch.randn(B, T, 2, 16, requires_grad=True)
+    v = torch.randn(B, T, 2, 16, requires_grad=True)
+    doc = torch.tensor([[0] * 7 + [1] * 20 + [2] * 18, [0] * 40 + [1] * 4 + [2]], dtype=torch.int32)
+    out = attend(q, k, v, backend="chunked", doc_ids=doc)
+    ref = attend(q, k, v, backend="eager", doc_ids=doc)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref, _docs_by_hand(q, k, v, doc), atol=1e-5, rtol=1e-5)
+    from models.kernels.reference import chunked_attention
+
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    small = chunked_attention(qh, kh, vh, None, 0.25, block=16, doc_ids=doc).transpose(1, 2)  # several chunks
+    torch.testing.assert_close(small, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_document_masking_dispatch():
+    """auto picks a kernel that can mask documents; a named kernel that cannot is one clear error."""
+    from models.kernels import select_kernel
+
+    q = torch.randn(1, 8, 2, 16)
+    doc = torch.zeros(1, 8, dtype=torch.int32)
+    qh = q.transpose(1, 2)
+    assert select_kernel(qh, qh, qh, None).name == "sdpa"
+    assert select_kernel(qh, qh, qh, None, docs=True).name == "chunked"
+    can = r"backends that can: \['chunked', 'eager'\]"
+    with pytest.raises(ValueError, match=r"'sdpa' cannot apply document masking .*" + can):
+        attend(q, q, q, backend="sdpa", doc_ids=doc)
+    with pytest.raises(ValueError, match="cannot run causal/cpu/float32\\+docs"):
+        attend(q, q, q, backend="cudnn", doc_ids=doc)  # cannot run these inputs at all
+
+
+def test_flex_document_mask_matches_reference(monkeypatch):
+    """flex's document BlockMask (mask_mod) and score_mod, run by FlexAttention's eager CPU path
+    (forward only; the kernel itself is CUDA only)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from models.kernels import flex
+    from models.kernels.bias import LowRankBias
+    from models.kernels.reference import dense_attention
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_attention)  # no torch.compile on CPU
+    torch.manual_seed(0)
+    B, H, T, D = 2, 2, 160, 16  # T > the 128-token mask blocks
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    doc = torch.tensor([[0] * 20 + [1] * 120 + [2] * 20, [0] * 130 + [1] * 30], dtype=torch.int32)
+    bias = LowRankBias(torch.randn(1, H, T, 1), 3 * torch.randn(B, H, T, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
+        for b in (None, bias):
+            out = flex.flex_lowrank_attention(q, k, v, b, 0.25, doc)
+            torch.testing.assert_close(out, dense_attention(q, k, v, b, 0.25, doc_ids=doc), atol=1e-5, rtol=1e-5)
+
+
+TINY_DOC = dict(vocab_size=100, n_layer=2, d_model=32, n_head=4, n_kv_head=2, mlp_hidden=64, max_seq_len=64)
+
+
+@pytest.mark.parametrize("pe,kv_shift", [("nope", False), ("alibi", False), ("nope", True)])
+def test_document_mask_equals_documents_run_separately(pe, kv_shift):
+    """With document_mask each document's logits and every parameter gradient equal those of the
+    documents run one by one (at their global positions) by the same model without masking."""
+    eot = 99
+    torch.manual_seed(0)
+    on = GPT(GPTConfig(**TINY_DOC, pe={"name": pe}, kv_shift=kv_shift, document_mask=True, eot_id=eot))
+    off = GPT(GPTConfig(**TINY_DOC, pe={"name": pe}, kv_shift=kv_shift))
+    off.load_state_dict(on.state_dict())
+    idx = torch.randint(0, eot, (2, 24))
+    idx[0, [5, 13]] = eot
+    idx[1, [0, 23]] = eot  # a row starting with a document, and a one-token document at the end
+    w = torch.randn(2, 24, on.cfg.padded_vocab)
+    logits = on(idx)
+    (logits * w).sum().backward()
+    sep, total = torch.empty_like(logits), 0.0
+    for b, cuts in ((0, [0, 5, 13, 24]), (1, [0, 23, 24])):
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            part = off(idx[b:b + 1, s:e], positions=torch.arange(s, e))
+            sep[b:b + 1, s:e] = part.detach()
+            total = total + (part * w[b:b + 1, s:e]).sum()
+    total.backward()
+    torch.testing.assert_close(logits, sep, atol=2e-5, rtol=1e-5)
+    for (name, p), r in zip(on.named_parameters(), off.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_document_mask_off_is_unchanged_and_on_without_eot_is_causal():
+    torch.manual_seed(0)
+    on = GPT(GPTConfig(**TINY_DOC, pe={"name": "alibi"}, kv_shift=True, document_mask=True, eot_id=99))
+    off = GPT(GPTConfig(**TINY_DOC, pe={"name": "alibi"}, kv_shift=True))
+    off.load_state_dict(on.state_dict())
+    assert off.document_ids(torch.zeros(1, 4, dtype=torch.long)) is None
+    idx = torch.randint(0, 99, (2, 20))
+    assert torch.equal(on(idx), off(idx))  # one document per row: exactly plain causal attention
+    idx[:, 10] = 99
+    a, b = on(idx), off(idx)
+    assert torch.equal(a[:, :10], b[:, :10]) and not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_document_mask_config():
+    with pytest.raises(ValueError, match="document_mask needs model.eot_id"):
+        GPTConfig(document_mask=True)
+    cfg = model_config(compose(["model.document_mask=true"]))
+    assert cfg.document_mask and cfg.eot_id == 50256  # GPT-2's <|endoftext|>, from data.tokenizer
+    assert not model_config(compose([])).document_mask

@@ -64,4 +64,8 @@ def model_config(cfg: DictConfig) -> GPTConfig:
     backend = cfg.get("trainer", {}).get("attention_backend") if "trainer" in cfg else None
     if backend:
         d["attention_backend"] = backend
+    if d.get("document_mask") and d.get("eot_id") is None:  # documents begin with the tokenizer's eot
+        from data.tokenizer import tokenizer_from_cfg
+
+        d["eot_id"] = tokenizer_from_cfg(cfg.data.tokenizer).eot_id
     return GPTConfig.from_dict(d)

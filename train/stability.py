@@ -463,11 +463,11 @@ def probe_forward(model, idx: Tensor, nr: bool = False, resid_layers=None, chunk
                    {i % n_layer for i in resid_layers})
     T = idx.shape[1]
     positions = torch.arange(T, device=idx.device)
+    docs = model.document_ids(idx)  # scores below still span whole causal rows, across documents
     per_layer: list[dict] = []
 
-    def pre_hook(attn, args):
-        x, pos = args[0], args[1]
-        q, k, _, bias = attn.project(x, pos)
+    def pre_hook(attn, args):  # args: the block's (x, positions, document ids)
+        q, k, _, bias = attn.project(*args)
         per_layer.append(attention_stats(q, k, bias, chunk=chunk, score_map=nr))
 
     hooks = [b.attn.register_forward_pre_hook(pre_hook) for b in model.blocks]
@@ -476,7 +476,7 @@ def probe_forward(model, idx: Tensor, nr: bool = False, resid_layers=None, chunk
         x = model.embed(idx)
         s["stability/resid_rms/embed"] = _rms(x)
         for i, block in enumerate(model.blocks):
-            x = block.forward(x, positions)
+            x = block.forward(x, positions, docs)
             if i in resid:
                 s[f"stability/resid_rms/L{i}"] = _rms(x)
         h = model.norm(x).flatten(0, 1)

@@ -5,6 +5,10 @@ highest-priority kernel that supports the inputs (device, dtype, bias type, grad
 explicit name runs that kernel or fails with the list of kernels that would work. Kernels know
 bias *types* (`LowRankBias`, `PathSumBias`), never positional-encoding names. The first use of
 each (kernel, input kind) is logged, and `kernels_used()` reports them for benchmarks.
+
+Document masking (`attend(..., doc_ids=...)`, see `models.kernels.documents`) is a separate
+capability: a kernel registered with a `doc_supports` predicate takes `run(..., doc_ids=ids)`; the
+others are never chosen for such calls, and naming one explicitly is an error.
 """
 from __future__ import annotations
 
@@ -17,28 +21,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.kernels.bias import AttentionBias, LowRankBias, PathSumBias
+from models.kernels.documents import doc_ids_from_cu_seqlens, doc_ids_from_tokens
 from models.kernels.reference import chunked_attention, dense_attention
 
 log = logging.getLogger("pelab.attention")
 
-# (q, k, v, bias, scale) -> out, all (B, H, T, D).
+# (q, k, v, bias, scale) -> out, all (B, H, T, D); kernels with doc_supports also take doc_ids=.
 KernelFn = Callable[[Tensor, Tensor, Tensor, "AttentionBias | None", float], Tensor]
+SupportsFn = Callable[[Tensor, Tensor, Tensor, "AttentionBias | None"], bool]
 
 
 @dataclass(frozen=True)
 class Kernel:
     name: str
     priority: int
-    supports: Callable[[Tensor, Tensor, Tensor, "AttentionBias | None"], bool]
+    supports: SupportsFn
     run: KernelFn
+    doc_supports: SupportsFn | None = None  # None: cannot mask documents
+
+    def can_run(self, q, k, v, bias, docs: bool) -> bool:
+        if docs:
+            return self.doc_supports is not None and self.doc_supports(q, k, v, bias)
+        return self.supports(q, k, v, bias)
 
 
 _KERNELS: dict[str, Kernel] = {}
 _USED: dict[tuple[str, str], str] = {}
 
 
-def register_kernel(name: str, priority: int, supports, run) -> None:
-    _KERNELS[name] = Kernel(name, priority, supports, run)
+def register_kernel(name: str, priority: int, supports, run, doc_supports=None) -> None:
+    _KERNELS[name] = Kernel(name, priority, supports, run, doc_supports)
 
 
 def kernel_names() -> list[str]:
@@ -50,40 +62,52 @@ def kernels_used() -> dict[str, str]:
     return {kind: name for (kind, _), name in _USED.items()}
 
 
-def _kind(q: Tensor, bias: AttentionBias | None) -> str:
-    return f"{type(bias).__name__ if bias is not None else 'causal'}/{q.device.type}/{str(q.dtype).replace('torch.', '')}"
+def _kind(q: Tensor, bias: AttentionBias | None, docs: bool = False) -> str:
+    name = type(bias).__name__ if bias is not None else "causal"
+    kind = f"{name}/{q.device.type}/{str(q.dtype).replace('torch.', '')}"
+    return kind + "+docs" if docs else kind
 
 
-def select_kernel(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, backend: str = "auto") -> Kernel:
+def select_kernel(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, backend: str = "auto",
+                  docs: bool = False) -> Kernel:
+    """The kernel for these inputs; docs=True: the call carries document ids."""
     if backend != "auto":
         if backend not in _KERNELS:
             raise ValueError(f"unknown attention backend {backend!r}; choose auto or one of {kernel_names()}")
         kernel = _KERNELS[backend]
-        if not kernel.supports(q, k, v, bias):
-            ok = [n.name for n in _KERNELS.values() if n.supports(q, k, v, bias)]
-            raise ValueError(f"attention backend {backend!r} cannot run {_kind(q, bias)} inputs "
-                             f"(head_dim {q.shape[-1]}); backends that can: {sorted(ok)}")
+        if not kernel.can_run(q, k, v, bias, docs):
+            ok = sorted(n.name for n in _KERNELS.values() if n.can_run(q, k, v, bias, docs))
+            if docs and kernel.supports(q, k, v, bias):
+                raise ValueError(f"attention backend {backend!r} cannot apply document masking (doc_ids) to "
+                                 f"{_kind(q, bias)} inputs; backends that can: {ok}")
+            raise ValueError(f"attention backend {backend!r} cannot run {_kind(q, bias, docs)} inputs "
+                             f"(head_dim {q.shape[-1]}); backends that can: {ok}")
         return kernel
     for kernel in sorted(_KERNELS.values(), key=lambda x: -x.priority):
-        if kernel.supports(q, k, v, bias):
+        if kernel.can_run(q, k, v, bias, docs):
             return kernel
-    raise RuntimeError(f"no attention kernel supports {_kind(q, bias)}")
+    raise RuntimeError(f"no attention kernel supports {_kind(q, bias, docs)}")
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None = None, *, backend: str = "auto",
-           scale: float | None = None) -> Tensor:
+           scale: float | None = None, doc_ids: Tensor | None = None) -> Tensor:
     """Causal attention. q: (B, T, Hq, D); k, v: (B, T, Hkv, D), Hq % Hkv == 0 (query head h uses
-    KV head h // (Hq/Hkv)). Returns (B, T, Hq, D)."""
+    KV head h // (Hq/Hkv)). doc_ids: optional int32 (B, T) document ids, non-decreasing along each
+    row; then query i sees key j only if j <= i and both lie in the same document
+    (`models.kernels.documents`). Returns (B, T, Hq, D)."""
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    kernel = select_kernel(qh, kh, vh, bias, backend)
-    key = (_kind(q, bias), kernel.name)
+    docs = doc_ids is not None
+    kernel = select_kernel(qh, kh, vh, bias, backend, docs)
+    key = (_kind(q, bias, docs), kernel.name)
     if key not in _USED and not torch.compiler.is_compiling():
         log.info("attention kernel: %s for %s inputs", kernel.name, key[0])
     _USED[key] = kernel.name
-    return kernel.run(qh, kh, vh, bias, scale).transpose(1, 2)
+    if not docs:
+        return kernel.run(qh, kh, vh, bias, scale).transpose(1, 2)
+    return kernel.run(qh, kh, vh, bias, scale, doc_ids=doc_ids).transpose(1, 2)
 
 
 # ---- built-in kernels -------------------------------------------------------------------------
@@ -114,9 +138,10 @@ def _register_builtin() -> None:
                     _sdpa([B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION]))
     register_kernel("sdpa", 40, lambda q, k, v, b: b is None,
                     _sdpa([B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]))
-    register_kernel("chunked", 10, lambda q, k, v, b: True, chunked_attention)
+    anything = lambda q, k, v, b: True  # noqa: E731
+    register_kernel("chunked", 10, anything, chunked_attention, doc_supports=anything)
     # Never chosen automatically: O(T^2) memory. The numerical reference for tests.
-    register_kernel("eager", -1, lambda q, k, v, b: True, dense_attention)
+    register_kernel("eager", -1, anything, dense_attention, doc_supports=anything)
     # The official GRAPE approach: a dense fp32 bias through SDPA (mem-efficient kernel). Reference row in benchmarks.
     register_kernel("sdpa_dense_bias", -1, lambda q, k, v, b: b is not None, _sdpa_dense_bias)
     # Own Triton kernels for the additive biases (LowRankBias: FoX, GRAPE-A-Q/K/QK, ALiBi when asked;
@@ -128,15 +153,22 @@ def _register_builtin() -> None:
             return triton_pathsum.supports(q, k, v, b)
         return b is not None and triton_lowrank.supports(q, k, v, b)
 
-    def _triton_run(q, k, v, b, scale):
-        return (triton_pathsum.run if isinstance(b, PathSumBias) else triton_lowrank.run)(q, k, v, b, scale)
+    def _triton_run(q, k, v, b, scale, doc_ids=None):
+        if isinstance(b, PathSumBias):
+            return triton_pathsum.run(q, k, v, b, scale)  # never reached with doc_ids (no doc_supports)
+        return triton_lowrank.run(q, k, v, b, scale, doc_ids=doc_ids)
 
-    register_kernel("triton", 55, _triton_supports, _triton_run)
+    # With documents the low-rank kernel also takes plain causal attention (rank 0): the SDPA and
+    # flash_attn kernels cannot mask documents. The path-sum kernel cannot.
+    def _triton_doc_supports(q, k, v, b):
+        return not isinstance(b, PathSumBias) and triton_lowrank.supports(q, k, v, b)
+
+    register_kernel("triton", 55, _triton_supports, _triton_run, doc_supports=_triton_doc_supports)
     # FlexAttention with a score_mod for LowRankBias (CUDA only): "flex" takes any low-rank bias when
     # asked for; "flex_const" is the same kernel, preferred automatically for biases without gradients
     # (ALiBi), where it measured faster than the triton kernel (bench/NOTES.md).
-    register_kernel("flex", 52, flex.supports, flex.run)
-    register_kernel("flex_const", 56, flex.supports_constant, flex.run)
+    register_kernel("flex", 52, flex.supports, flex.run, doc_supports=flex.supports_docs)
+    register_kernel("flex_const", 56, flex.supports_constant, flex.run, doc_supports=flex.supports_constant)
     try:
         from models.kernels import flash_attn_kernel  # noqa: F401  (optional extra [flash])
     except ImportError:
@@ -155,5 +187,5 @@ def _sdpa_dense_bias(q, k, v, bias, scale):
 
 _register_builtin()
 
-__all__ = ["AttentionBias", "LowRankBias", "PathSumBias", "attend", "kernel_names", "kernels_used",
-           "register_kernel", "select_kernel"]
+__all__ = ["AttentionBias", "LowRankBias", "PathSumBias", "attend", "doc_ids_from_cu_seqlens", "doc_ids_from_tokens",
+           "kernel_names", "kernels_used", "register_kernel", "select_kernel"]

@@ -11,6 +11,13 @@ ALiBi/GRAPE-A position terms lose no precision. All bias arithmetic is explicit 
 (never tl.dot, which would round through tf32). Scores live in the log2 domain
 (s2 = (q.k * scale + bias) * log2(e)); the saved LSE is in log2 units too.
 
+Document masking (HAS_DOC): DOC holds int32 (B, T) document ids, non-decreasing along each row;
+key j is visible to query i iff j <= i and DOC[j] == DOC[i]. DSTART / DEND hold each token's
+document start and end (exclusive): a query block only loops over keys from its first row's
+document start, a key block only over queries up to its last key's document end, so fully masked
+blocks are never visited. Every row sees itself, but a row may see nothing in the blocks before its
+diagonal one: the forward then keeps its running max away from -inf - -inf.
+
 Grid layouts put the heaviest causal blocks first (LPT order): forward and dQ programs run the
 last query blocks first; dK/dV programs the first key blocks first. GQA: a KV head's dK/dV
 program loops over the query heads of its group and accumulates in registers, so repeated K/V
@@ -67,10 +74,24 @@ def _bias_cols(a0, a1, a2, a3, d0, d1, d2, d3, b0, b1, b2, b3, R: tl.constexpr):
 # ---- forward ----------------------------------------------------------------------------------
 
 @triton.jit
+def _visible(rows, cols, doc_rows, doc_base, col_ok, MASK: tl.constexpr, HAS_DOC: tl.constexpr):
+    """(M, N) bool: causal (if MASK) and same document (if HAS_DOC); keys past T belong to no document."""
+    if HAS_DOC:
+        doc_cols = tl.load(doc_base + cols, mask=col_ok, other=-2)
+        ok = doc_rows[:, None] == doc_cols[None, :]
+        if MASK:
+            ok = ok & (rows[:, None] >= cols[None, :])
+    else:
+        ok = rows[:, None] >= cols[None, :]
+    return ok
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
-               k_base, v_base, bk_base, s_kt, s_vt, s_bt,
+               k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
                lo, hi, offs_m, offs_n, offs_d, T, sm_scale2,
-               R: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr):
+               R: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr,
+               HAS_DOC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -83,11 +104,14 @@ def _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
         if R > 0:
             b0, b1, b2, b3 = _load_cols(bk_base, cols, s_bt, col_ok, R)
             s += _bias_rows(a0, a1, a2, a3, d0, d1, d2, d3, b0, b1, b2, b3, R)
-        if MASK:
-            s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+        if MASK or HAS_DOC:
+            s = tl.where(_visible(offs_m, cols, doc_rows, doc_base, col_ok, MASK, HAS_DOC), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_ref = m_new
+        if HAS_DOC:  # rows with no visible key so far: exp2(-inf - 0) = 0 instead of NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if EVEN_T:
@@ -100,12 +124,12 @@ def _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
 
 
 @triton.jit
-def lowrank_fwd_kernel(Q, K, V, A, Bk, O, L, OLO,
+def lowrank_fwd_kernel(Q, K, V, A, Bk, O, L, OLO, DOC, DSTART,
                        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
                        s_ab, s_ah, s_at, s_bb, s_bh, s_bt,
                        H, T, GROUP, sm_scale2,
                        R: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       EVEN_T: tl.constexpr, STORE_LO: tl.constexpr):
+                       EVEN_T: tl.constexpr, STORE_LO: tl.constexpr, HAS_DOC: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -134,17 +158,21 @@ def lowrank_fwd_kernel(Q, K, V, A, Bk, O, L, OLO,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # keys strictly left of this query block: no mask
+    doc_base, doc_rows, lo = DOC + b * T, offs_m, 0
+    if HAS_DOC:  # padded rows (never stored) take the last row's id, so no row is empty
+        doc_rows = tl.load(doc_base + tl.minimum(offs_m, T - 1))
+        lo = tl.load(DSTART + b * T + start_m) // BLOCK_N * BLOCK_N
+    # keys strictly left of this query block: no causal mask
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
-                               k_base, v_base, bk_base, s_kt, s_vt, s_bt,
-                               0, start_m, offs_m, offs_n, offs_d, T, sm_scale2,
-                               R, BLOCK_N, False, EVEN_T)
+                               k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
+                               lo, start_m, offs_m, offs_n, offs_d, T, sm_scale2,
+                               R, BLOCK_N, False, EVEN_T, HAS_DOC)
     # the diagonal block: causal mask
     hi = tl.minimum(start_m + BLOCK_M, T)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
-                               k_base, v_base, bk_base, s_kt, s_vt, s_bt,
+                               k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
                                start_m, hi, offs_m, offs_n, offs_d, T, sm_scale2,
-                               R, BLOCK_N, True, EVEN_T)
+                               R, BLOCK_N, True, EVEN_T, HAS_DOC)
     acc = acc / l_i[:, None]
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
     l_ptrs = L + pid_bh * T + offs_m
@@ -183,10 +211,10 @@ def bwd_delta_kernel(O, DO, DELTA, OLO, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, H, T
 
 @triton.jit
 def _dkdv_inner(dk, dv, db0, db1, db2, db3, k, v, b0, b1, b2, b3,
-                q_base, do_base, a_base, bk_base, l_base, dl_base, s_qt, s_dot, s_at, s_bt,
+                q_base, do_base, a_base, bk_base, l_base, dl_base, s_qt, s_dot, s_at, s_bt, doc_cols, doc_base,
                 lo, hi, offs_n, offs_m0, offs_d, T, sm_scale2,
                 R: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr,
-                NEED_DB: tl.constexpr):
+                NEED_DB: tl.constexpr, HAS_DOC: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m0
@@ -207,7 +235,13 @@ def _dkdv_inner(dk, dv, db0, db1, db2, db3, k, v, b0, b1, b2, b3,
             d0, d1, d2, d3 = _load_cols(bk_base, rows, s_bt, row_ok, R)
             sT += _bias_cols(a0 * LOG2E, a1 * LOG2E, a2 * LOG2E, a3 * LOG2E, d0, d1, d2, d3, b0, b1, b2, b3, R)
         pT = tl.math.exp2(sT - lse[None, :])
-        if MASK:
+        if HAS_DOC:  # (N, M): keys on rows; padded query rows have lse = inf, so pT = 0 there anyway
+            doc_rows = tl.load(doc_base + tl.minimum(rows, T - 1))
+            ok = doc_cols[:, None] == doc_rows[None, :]
+            if MASK:
+                ok = ok & (rows[None, :] >= offs_n[:, None])
+            pT = tl.where(ok, pT, 0.0)
+        elif MASK:
             pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
@@ -236,13 +270,13 @@ def _store_cols(base, offs, mask, c0, c1, c2, c3, R: tl.constexpr):
 
 
 @triton.jit
-def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB,
+def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB, DOC, DEND,
                             s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                             s_ab, s_ah, s_at, s_bb, s_bh, s_bt, s_dob, s_doh, s_dot,
                             s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
                             H, HKV, T, GROUP, sm_scale, sm_scale2,
                             R: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            EVEN_T: tl.constexpr, NEED_DB: tl.constexpr):
+                            EVEN_T: tl.constexpr, NEED_DB: tl.constexpr, HAS_DOC: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // HKV
@@ -263,6 +297,10 @@ def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB,
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     hi_diag = tl.minimum(start_n + BLOCK_N, T)
+    doc_base, doc_cols, hi = DOC + b * T, offs_n, T
+    if HAS_DOC:  # padded keys get id -2: no query row matches them
+        doc_cols = tl.load(doc_base + offs_n, mask=col_ok, other=-2)
+        hi = tl.load(DEND + b * T + hi_diag - 1)  # queries past the last key's document see no key here
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -279,12 +317,12 @@ def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB,
         db3 = db0
         dk, dv, db0, db1, db2, db3 = _dkdv_inner(
             dk, dv, db0, db1, db2, db3, k, v, b0, b1, b2, b3,
-            q_base, do_base, a_base, bk_base, l_base, dl_base, s_qt, s_dot, s_at, s_bt,
-            start_n, hi_diag, offs_n, offs_m0, offs_d, T, sm_scale2, R, BLOCK_M, True, EVEN_T, NEED_DB)
+            q_base, do_base, a_base, bk_base, l_base, dl_base, s_qt, s_dot, s_at, s_bt, doc_cols, doc_base,
+            start_n, hi_diag, offs_n, offs_m0, offs_d, T, sm_scale2, R, BLOCK_M, True, EVEN_T, NEED_DB, HAS_DOC)
         dk, dv, db0, db1, db2, db3 = _dkdv_inner(
             dk, dv, db0, db1, db2, db3, k, v, b0, b1, b2, b3,
-            q_base, do_base, a_base, bk_base, l_base, dl_base, s_qt, s_dot, s_at, s_bt,
-            start_n + BLOCK_N, T, offs_n, offs_m0, offs_d, T, sm_scale2, R, BLOCK_M, False, EVEN_T, NEED_DB)
+            q_base, do_base, a_base, bk_base, l_base, dl_base, s_qt, s_dot, s_at, s_bt, doc_cols, doc_base,
+            start_n + BLOCK_N, hi, offs_n, offs_m0, offs_d, T, sm_scale2, R, BLOCK_M, False, EVEN_T, NEED_DB, HAS_DOC)
         if NEED_DB:
             _store_cols(DB + bh * T * R, offs_n, col_ok, db0, db1, db2, db3, R)
     dk_ptrs = DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :]
@@ -295,10 +333,10 @@ def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB,
 
 @triton.jit
 def _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1, d2, d3,
-              k_base, v_base, bk_base, s_kt, s_vt, s_bt,
+              k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
               lo, hi, offs_m, offs_n0, offs_d, T, sm_scale2,
               R: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr,
-              NEED_DA: tl.constexpr):
+              NEED_DA: tl.constexpr, HAS_DOC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n0
@@ -314,8 +352,8 @@ def _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1,
             b0, b1, b2, b3 = _load_cols(bk_base, cols, s_bt, col_ok, R)
             s += _bias_rows(a0 * LOG2E, a1 * LOG2E, a2 * LOG2E, a3 * LOG2E, d0, d1, d2, d3, b0, b1, b2, b3, R)
         p = tl.math.exp2(s - lse[:, None])
-        if MASK:
-            p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+        if MASK or HAS_DOC:
+            p = tl.where(_visible(offs_m, cols, doc_rows, doc_base, col_ok, MASK, HAS_DOC), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -332,12 +370,12 @@ def _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1,
 
 
 @triton.jit
-def lowrank_bwd_dq_kernel(Q, K, V, A, Bk, DO, L, DELTA, DQ, DA,
+def lowrank_bwd_dq_kernel(Q, K, V, A, Bk, DO, L, DELTA, DQ, DA, DOC, DSTART,
                           s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                           s_ab, s_ah, s_at, s_bb, s_bh, s_bt, s_dob, s_doh, s_dot, s_dqb, s_dqh, s_dqt,
                           H, T, GROUP, sm_scale, sm_scale2,
                           R: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          EVEN_T: tl.constexpr, NEED_DA: tl.constexpr):
+                          EVEN_T: tl.constexpr, NEED_DA: tl.constexpr, HAS_DOC: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -371,15 +409,19 @@ def lowrank_bwd_dq_kernel(Q, K, V, A, Bk, DO, L, DELTA, DQ, DA,
     da1 = da0
     da2 = da0
     da3 = da0
+    doc_base, doc_rows, lo = DOC + b * T, offs_m, 0
+    if HAS_DOC:  # as in the forward
+        doc_rows = tl.load(doc_base + tl.minimum(offs_m, T - 1))
+        lo = tl.load(DSTART + b * T + start_m) // BLOCK_N * BLOCK_N
     dq, da0, da1, da2, da3 = _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1, d2, d3,
-                                       k_base, v_base, bk_base, s_kt, s_vt, s_bt,
-                                       0, start_m, offs_m, offs_n0, offs_d, T, sm_scale2,
-                                       R, BLOCK_N, False, EVEN_T, NEED_DA)
+                                       k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
+                                       lo, start_m, offs_m, offs_n0, offs_d, T, sm_scale2,
+                                       R, BLOCK_N, False, EVEN_T, NEED_DA, HAS_DOC)
     hi = tl.minimum(start_m + BLOCK_M, T)
     dq, da0, da1, da2, da3 = _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1, d2, d3,
-                                       k_base, v_base, bk_base, s_kt, s_vt, s_bt,
+                                       k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
                                        start_m, hi, offs_m, offs_n0, offs_d, T, sm_scale2,
-                                       R, BLOCK_N, True, EVEN_T, NEED_DA)
+                                       R, BLOCK_N, True, EVEN_T, NEED_DA, HAS_DOC)
     dq_ptrs = DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
     if NEED_DA:

@@ -12,6 +12,9 @@ Pitfalls handled (kernels_and_pe_notes.md section 8.3):
 - The causal BlockMask is built once per (T, device) and cached.
 The bias is evaluated in the row-shifted form sum_r a_r[i] * (b_r[j] - b_r[i]) like the triton
 kernel, so large position or cumulative-gate terms keep their fp32 precision.
+
+Document masking (`doc_ids`): a per-call BlockMask from the mask_mod "causal and same document"
+(it depends on the data, so it is not cached); fully masked blocks are skipped by FlexAttention.
 """
 from __future__ import annotations
 
@@ -67,6 +70,17 @@ def _build_mask(T: int, device: torch.device):
     return _MASKS[key]
 
 
+def _document_block_mask(doc_ids: Tensor):
+    """BlockMask for (B, T) document ids: key j visible to query i iff j <= i and same document."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    B, T = doc_ids.shape
+    return create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
+
+
 def causal_block_mask(T: int, device: torch.device):
     """Cached causal BlockMask. Call once before a compiled step (the benchmark does) to avoid a
     graph break at the first trace; a cache hit inside a compiled region is a plain global read."""
@@ -85,17 +99,21 @@ def _score_mod(a_terms, b_terms, d_terms, batch_bcast: bool, head_bcast: bool):
     return score_mod
 
 
-def flex_lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | None, scale: float) -> Tensor:
+def flex_lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | None, scale: float,
+                           doc_ids: Tensor | None = None) -> Tensor:
     B, H, T, D = q.shape
     fn = None
     if torch.compiler.is_compiling():
         from torch.nn.attention.flex_attention import flex_attention as fn
     else:
         fn = _compiled_flex()
-    mask = causal_block_mask(T, q.device)
+
+    def mask_for(sl: slice):
+        return causal_block_mask(T, q.device) if doc_ids is None else _document_block_mask(doc_ids[sl])
+
     gqa = H != k.shape[1]
     if bias is None:
-        return fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+        return fn(q, k, v, block_mask=mask_for(slice(None)), scale=scale, enable_gqa=gqa)
     a, b = bias.q_terms.float(), bias.k_terms.float()
     R = bias.rank
     # one distinct tensor per (side, rank term): never index a grad tensor twice in a score_mod
@@ -113,16 +131,16 @@ def flex_lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | 
     if needs_grad:
         chunk = max(1, (_INT_LIMIT - 1) // (H * T * T))
     if chunk >= B:
-        return fn(q, k, v, score_mod=_score_mod(a_terms, b_terms, d_terms, bb, hb), block_mask=mask, scale=scale,
-                  enable_gqa=gqa)
+        return fn(q, k, v, score_mod=_score_mod(a_terms, b_terms, d_terms, bb, hb), block_mask=mask_for(slice(None)),
+                  scale=scale, enable_gqa=gqa)
     outs = []
     for s in range(0, B, chunk):
         sl = slice(s, s + chunk)
         at = a_terms if bb else [t[sl] for t in a_terms]
         bt = b_terms if bb else [t[sl] for t in b_terms]
         dt = d_terms if bb else [t[sl] for t in d_terms]
-        outs.append(fn(q[sl], k[sl], v[sl], score_mod=_score_mod(at, bt, dt, bb, hb), block_mask=mask, scale=scale,
-                       enable_gqa=gqa))
+        outs.append(fn(q[sl], k[sl], v[sl], score_mod=_score_mod(at, bt, dt, bb, hb), block_mask=mask_for(sl),
+                       scale=scale, enable_gqa=gqa))
     return torch.cat(outs, dim=0)
 
 
@@ -137,14 +155,19 @@ def supports_constant(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
-    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and available()):
-        return False
     if bias is None:
         return False  # plain causal: cuDNN / FlashAttention are faster
-    if not isinstance(bias, LowRankBias) or bias.rank > MAX_RANK:
+    return supports_docs(q, k, v, bias)
+
+
+def supports_docs(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
+    """With document ids: also plain causal attention (which cuDNN / FlashAttention cannot mask)."""
+    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and available()):
+        return False
+    if bias is not None and (not isinstance(bias, LowRankBias) or bias.rank > MAX_RANK):
         return False
     return q.shape[-1] in (16, 32, 64, 128) and q.shape[-1] == k.shape[-1] == v.shape[-1]
 
 
-def run(q, k, v, bias, scale):
-    return flex_lowrank_attention(q, k, v, bias, scale)
+def run(q, k, v, bias, scale, doc_ids=None):
+    return flex_lowrank_attention(q, k, v, bias, scale, doc_ids)

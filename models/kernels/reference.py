@@ -1,6 +1,7 @@
 """Portable attention paths: the dense fp32 reference and a memory-frugal chunked kernel.
 
-Both accept every bias type through `AttentionBias.tile`. The chunked kernel processes query
+Both accept every bias type through `AttentionBias.tile`, and document masking (`doc_ids`, see
+`models.kernels.documents`). The chunked kernel processes query
 blocks against their key prefix and recomputes each block in backward (activation
 checkpointing), so memory stays O(block * T) instead of O(T^2); it runs anywhere, including CPU.
 """
@@ -11,6 +12,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.kernels.bias import AttentionBias
+from models.kernels.documents import same_document
 
 
 def _expand_kv(k: Tensor, n_heads: int) -> Tensor:
@@ -19,26 +21,34 @@ def _expand_kv(k: Tensor, n_heads: int) -> Tensor:
     return k if group == 1 else k.repeat_interleave(group, dim=1)
 
 
-def _block(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, start: int, scale: float) -> Tensor:
-    """Causal softmax attention of query rows start.. against keys 0..k.shape[2]-1, in fp32."""
+def _block(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, start: int, scale: float,
+           docs: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Causal softmax attention of query rows start.. against keys 0..k.shape[2]-1, in fp32.
+    docs: (query rows' doc ids (B, M), keys' doc ids (B, N)) to mask keys of other documents."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias
     rows = torch.arange(start, start + q.shape[2], device=q.device)[:, None]
     cols = torch.arange(k.shape[2], device=q.device)[None, :]
-    scores = scores.masked_fill(cols > rows, float("-inf"))
+    hidden = cols > rows
+    if docs is not None:
+        hidden = hidden | ~same_document(*docs)
+    scores = scores.masked_fill(hidden, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1), v.float())
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, scale: float) -> Tensor:
-    """fp32 reference. q: (B, Hq, T, D), k/v: (B, Hkv, T, D) -> (B, Hq, T, D) in q's dtype."""
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, scale: float,
+                    doc_ids: Tensor | None = None) -> Tensor:
+    """fp32 reference. q: (B, Hq, T, D), k/v: (B, Hkv, T, D) -> (B, Hq, T, D) in q's dtype;
+    doc_ids: optional (B, T) document ids (attention stays within each document)."""
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-    out = _block(q, k, v, None if bias is None else bias.dense(), 0, scale)
+    docs = None if doc_ids is None else (doc_ids, doc_ids)
+    out = _block(q, k, v, None if bias is None else bias.dense(), 0, scale, docs)
     return out.to(q.dtype)
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, scale: float,
-                      block: int = 256) -> Tensor:
+                      block: int = 256, doc_ids: Tensor | None = None) -> Tensor:
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     T = q.shape[2]
     outs = []
@@ -47,7 +57,8 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | Non
 
         def run(qb, kb, vb, start=start, end=end):
             tile = None if bias is None else bias.tile(slice(start, end), end)
-            return _block(qb, kb, vb, tile, start, scale)
+            docs = None if doc_ids is None else (doc_ids[:, start:end], doc_ids[:, :end])
+            return _block(qb, kb, vb, tile, start, scale, docs)
 
         qb, kb, vb = q[:, :, start:end], k[:, :, :end], v[:, :, :end]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))

@@ -6,8 +6,9 @@ bias factors. Covers ALiBi (rank 1), FoX (rank 1, |c| in the thousands) and GRAP
 The kernel is exposed as two `torch.library` custom ops (`pelab::lowrank_attn_fwd/bwd`) with fake
 implementations and a registered autograd formula, so `torch.compile` keeps it in one graph.
 
-Document masking (`cu_seqlens`) is not implemented: `lowrank_attention(..., cu_seqlens=...)`
-raises NotImplementedError (the attention interface passes no document boundaries today).
+Document masking: `doc_ids` (int32 (B, T), non-decreasing per row; `models.kernels.documents`)
+keeps attention within each document, in the forward and every gradient; blocks that lie wholly
+in other documents are skipped. `lowrank_attention` also takes packed `cu_seqlens` and converts them.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from models.kernels.bias import LowRankBias
+from models.kernels.documents import doc_bounds, doc_ids_from_cu_seqlens
 
 MAX_RANK = 4
 HEAD_DIMS = (16, 32, 64, 128)
@@ -105,30 +107,41 @@ def _factor_view(f: Tensor, B: int, H: int) -> Tensor:
     return f.expand(B, H, f.shape[2], f.shape[3])
 
 
+def _doc_args(doc: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, document starts, document ends) for the kernels; without documents three placeholders
+    that the kernels never read (HAS_DOC=False)."""
+    if doc is None:
+        return like, like, like
+    doc = doc.to(torch.int32).contiguous()
+    return (doc, *doc_bounds(doc))
+
+
 # ---- custom ops ---------------------------------------------------------------------------------
 
 @torch.library.custom_op("pelab::lowrank_attn_fwd", mutates_args=())
 def lowrank_attn_fwd(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, scale: float,
-                     rank: int, store_lo: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     rank: int, store_lo: bool, doc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     tlk = _jit()
     a, b = _last_contig(a), _last_contig(b)
+    doc_ids, doc_start, _ = _doc_args(doc, q)
     o = _empty_bhtd(B, H, T, D, q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     o_lo = _empty_bhtd(B, H, T, D, q) if store_lo else q.new_empty(0)
     BM, BN, warps, stages = _cfg("fwd", D, q.device)
     grid = (B * H, triton_cdiv(T, BM))
     tlk.lowrank_fwd_kernel[grid](
-        q, k, v, a, b, o, lse, o_lo if store_lo else o, *_s(q), *_s(k), *_s(v), *_s(o), *_s(a), *_s(b),
+        q, k, v, a, b, o, lse, o_lo if store_lo else o, doc_ids, doc_start,
+        *_s(q), *_s(k), *_s(v), *_s(o), *_s(a), *_s(b),
         H, T, H // Hkv, scale * 1.4426950408889634,
         R=rank, D=D, BLOCK_M=BM, BLOCK_N=BN, EVEN_T=T % BM == 0 and T % BN == 0, STORE_LO=store_lo,
-        num_warps=warps, num_stages=stages)
+        HAS_DOC=doc is not None, num_warps=warps, num_stages=stages)
     return o, lse, o_lo
 
 
 @lowrank_attn_fwd.register_fake
-def _(q, k, v, a, b, scale, rank, store_lo):
+def _(q, k, v, a, b, scale, rank, store_lo, doc=None):
     B, H, T, D = q.shape
     o_lo = _empty_bhtd(B, H, T, D, q) if store_lo else q.new_empty(0)
     return _empty_bhtd(B, H, T, D, q), q.new_empty(B, H, T, dtype=torch.float32), o_lo
@@ -137,11 +150,12 @@ def _(q, k, v, a, b, scale, rank, store_lo):
 @torch.library.custom_op("pelab::lowrank_attn_bwd", mutates_args=())
 def lowrank_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, o: Tensor,
                      lse: Tensor, o_lo: Tensor, scale: float, rank: int, need_da: bool,
-                     need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     need_db: bool, doc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     tlk = _jit()
     do, a, b = _last_contig(do), _last_contig(a), _last_contig(b)
+    doc_ids, doc_start, doc_end = _doc_args(doc, q)
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     blk = 64 if q.device.type == "cuda" else 16
     has_lo = o_lo.numel() > 0
@@ -156,23 +170,23 @@ def lowrank_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: 
     sm2 = scale * 1.4426950408889634
     BM, BN, warps, stages = _cfg("dkdv", D, q.device)
     tlk.lowrank_bwd_dkdv_kernel[(B * Hkv, triton_cdiv(T, BN))](
-        q, k, v, a, b, do, lse, delta, dk, dv, db,
+        q, k, v, a, b, do, lse, delta, dk, dv, db, doc_ids, doc_end,
         *_s(q), *_s(k), *_s(v), *_s(a), *_s(b), *_s(do), *_s(dk), *_s(dv),
         H, Hkv, T, H // Hkv, scale, sm2,
         R=rank, D=D, BLOCK_M=BM, BLOCK_N=BN, EVEN_T=T % BM == 0 and T % BN == 0, NEED_DB=need_db and rank > 0,
-        num_warps=warps, num_stages=stages)
+        HAS_DOC=doc is not None, num_warps=warps, num_stages=stages)
     BM, BN, warps, stages = _cfg("dq", D, q.device)
     tlk.lowrank_bwd_dq_kernel[(B * H, triton_cdiv(T, BM))](
-        q, k, v, a, b, do, lse, delta, dq, da,
+        q, k, v, a, b, do, lse, delta, dq, da, doc_ids, doc_start,
         *_s(q), *_s(k), *_s(v), *_s(a), *_s(b), *_s(do), *_s(dq),
         H, T, H // Hkv, scale, sm2,
         R=rank, D=D, BLOCK_M=BM, BLOCK_N=BN, EVEN_T=T % BM == 0 and T % BN == 0, NEED_DA=need_da and rank > 0,
-        num_warps=warps, num_stages=stages)
+        HAS_DOC=doc is not None, num_warps=warps, num_stages=stages)
     return dq, dk, dv, da, db
 
 
 @lowrank_attn_bwd.register_fake
-def _(do, q, k, v, a, b, o, lse, o_lo, scale, rank, need_da, need_db):
+def _(do, q, k, v, a, b, o, lse, o_lo, scale, rank, need_da, need_db, doc=None):
     B, H, T, _ = q.shape
     R = max(rank, 1)
     f32 = torch.float32
@@ -182,17 +196,18 @@ def _(do, q, k, v, a, b, o, lse, o_lo, scale, rank, need_da, need_db):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, a, b, scale, rank, _store_lo = inputs
+    q, k, v, a, b, scale, rank, _store_lo, doc = inputs
     o, lse, o_lo = output
-    ctx.save_for_backward(q, k, v, a, b, o, lse, o_lo)
+    ctx.save_for_backward(q, k, v, a, b, o, lse, o_lo, doc)
     ctx.scale, ctx.rank = scale, rank
 
 
 def _backward(ctx, do, _dlse, _dlo):
-    q, k, v, a, b, o, lse, o_lo = ctx.saved_tensors
+    q, k, v, a, b, o, lse, o_lo, doc = ctx.saved_tensors
     need_da, need_db = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    dq, dk, dv, da, db = lowrank_attn_bwd(do, q, k, v, a, b, o, lse, o_lo, ctx.scale, ctx.rank, need_da, need_db)
-    return dq, dk, dv, (da if need_da else None), (db if need_db else None), None, None, None
+    dq, dk, dv, da, db = lowrank_attn_bwd(do, q, k, v, a, b, o, lse, o_lo, ctx.scale, ctx.rank, need_da, need_db,
+                                          doc)
+    return dq, dk, dv, (da if need_da else None), (db if need_db else None), None, None, None, None
 
 
 lowrank_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -205,13 +220,16 @@ def triton_cdiv(a: int, b: int) -> int:
 # ---- public entry ---------------------------------------------------------------------------------
 
 def lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | None, scale: float,
-                      cu_seqlens: Tensor | None = None) -> Tensor:
+                      cu_seqlens: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
     """q: (B, Hq, T, D); k, v: (B, Hkv, T, D) (last dim contiguous); bias factors fp32
-    (B|1, Hq|1, T, R). Returns (B, Hq, T, D)."""
-    if cu_seqlens is not None:
-        raise NotImplementedError("document masking (cu_seqlens) is not implemented in the triton low-rank kernel; "
-                                  "use backend=flex or unpacked batches")
+    (B|1, Hq|1, T, R). Documents (optional, one of): doc_ids int32 (B, T), non-decreasing per row,
+    or cu_seqlens, packed boundaries over the B*T flattened tokens (`doc_ids_from_cu_seqlens`).
+    Returns (B, Hq, T, D)."""
     B, H, T, D = q.shape
+    if cu_seqlens is not None:
+        if doc_ids is not None:
+            raise ValueError("pass doc_ids or cu_seqlens, not both")
+        doc_ids = doc_ids_from_cu_seqlens(cu_seqlens, B, T)
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     if bias is None:
         a = b = _dummy_factor(T, q.device).expand(B, H, T, 1)
@@ -221,7 +239,7 @@ def lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | None,
         a, b, rank = _factor_view(bias.q_terms, B, H), _factor_view(bias.k_terms, B, H), bias.rank
     store_lo = (FP32_DELTA[0] and rank > 0 and torch.is_grad_enabled()
                 and (a.requires_grad or b.requires_grad))
-    o, _, _ = lowrank_attn_fwd(q, k, v, a, b, float(scale), rank, bool(store_lo))
+    o, _, _ = lowrank_attn_fwd(q, k, v, a, b, float(scale), rank, bool(store_lo), doc_ids)
     return o
 
 
@@ -252,8 +270,8 @@ def _has_triton() -> bool:
     return True
 
 
-def run(q, k, v, bias, scale):
-    return lowrank_attention(q, k, v, bias, scale)
+def run(q, k, v, bias, scale, doc_ids=None):
+    return lowrank_attention(q, k, v, bias, scale, doc_ids=doc_ids)
 
 
 _env_override()
