@@ -438,8 +438,8 @@ def micro(args) -> list[dict]:
 
 AP_VARIANTS = [  # (name, {kernel: (BLOCK_M, BLOCK_N, warps, stages)}) for --ap-debug
     ("default", {}),
-    ("no-pipelining", {"dq": (128, 32, 8, 1), "dkdv": (16, 64, 8, 1)}),
-    ("dkdv32-nopipe", {"dq": (128, 32, 8, 1), "dkdv": (32, 64, 8, 1)}),
+    ("dkdv32", {"dkdv": (32, 64, 4, 2)}),
+    ("dkdv64-8w", {"dkdv": (64, 64, 8, 2)}),
 ]
 
 
