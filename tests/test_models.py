@@ -304,3 +304,35 @@ def test_document_mask_config():
     cfg = model_config(compose(["model.document_mask=true"]))
     assert cfg.document_mask and cfg.eot_id == 50256  # GPT-2's <|endoftext|>, from data.tokenizer
     assert not model_config(compose([])).document_mask
+
+
+def test_swiglu_padding_changes_nothing():
+    """mlp_pad_to pads the weights inside forward only: same outputs, same gradients, same parameters."""
+    from models.gpt import SwiGLU
+
+    torch.manual_seed(0)
+    plain, padded = SwiGLU(32, 85, pad_to=0), SwiGLU(32, 85, pad_to=64)
+    padded.load_state_dict(plain.state_dict())
+    assert padded.pad == 43 and plain.state_dict().keys() == padded.state_dict().keys()
+    x = torch.randn(2, 5, 32)
+    y0, y1 = plain(x), padded(x)
+    assert torch.allclose(y0, y1, atol=1e-6)
+    y0.square().sum().backward()
+    y1.square().sum().backward()
+    for p0, p1 in zip(plain.parameters(), padded.parameters()):
+        assert torch.allclose(p0.grad, p1.grad, atol=1e-5)
+
+
+def test_cos_sin_op_matches_autograd():
+    """The opaque cos/sin op (one table per call) has the gradient of plain cos/sin."""
+    from models.pe.common import half_split_cos_sin
+
+    a = torch.randn(7, 3, 4, dtype=torch.float32) * 50
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    gc, gs = torch.randn(7, 3, 8), torch.randn(7, 3, 8)
+    cos, sin = half_split_cos_sin(a1)
+    ((cos * gc).sum() + (sin * gs).sum()).backward()
+    full = torch.cat((a2, a2), -1)
+    ((full.cos() * gc).sum() + (full.sin() * gs).sum()).backward()
+    assert torch.allclose(cos, full.detach().cos()) and torch.allclose(sin, full.detach().sin())
+    assert torch.allclose(a1.grad, a2.grad, atol=1e-5)
