@@ -54,7 +54,6 @@ def compile_one(fn, ptr_types: dict, consts: dict, num_warps: int, num_stages: i
             "ldl_stl": sass.count("LDL") + sass.count("STL")}
 
 
-PREC = "tf32x3"
 SWEEP = {
     "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 128, 8, 2)],
     "dkdv": [(16, 64, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
@@ -84,10 +83,10 @@ def main(argv=None):
         ("lowrank_fwd", L.lowrank_fwd_kernel, lr_ptr, "fwd", TL, {"R": 3}),
         ("lowrank_dkdv", L.lowrank_bwd_dkdv_kernel, lr_ptr, "dkdv", TL, {"R": 3, "NEED_DB": True}),
         ("lowrank_dq", L.lowrank_bwd_dq_kernel, lr_ptr, "dq", TL, {"R": 3, "NEED_DA": True}),
-        ("pathsum_fwd", P.pathsum_fwd_kernel, ps_ptr, "fwd", TP, {"PP": 16, "PREC": PREC}),
-        ("pathsum_dq", P.pathsum_bwd_dq_kernel, ps_ptr, "dq", TP, {"PP": 16, "PREC": PREC, "NEED_DALPHA": False,
+        ("pathsum_fwd", P.pathsum_fwd_kernel, ps_ptr, "fwd", TP, {"PP": 16}),
+        ("pathsum_dq", P.pathsum_bwd_dq_kernel, ps_ptr, "dq", TP, {"PP": 16, "NEED_DALPHA": False,
                                                                    "TB": TP.CONFIGS["dkdv"][D][1]}),
-        ("pathsum_dkdv", P.pathsum_bwd_dkdv_kernel, ps_ptr, "dkdv", TP, {"PP": 16, "PREC": PREC}),
+        ("pathsum_dkdv", P.pathsum_bwd_dkdv_kernel, ps_ptr, "dkdv", TP, {"PP": 16}),
     ]:
         if args.only and name not in args.only.split(","):
             continue

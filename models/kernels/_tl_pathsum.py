@@ -76,7 +76,7 @@ def _psi(z, alpha2):
 def _fwd_inner(acc, l_i, m_i, carry, q, qp, alpha2, upper,
                k_base, v_base, kp_base, s_kt, s_vt, s_pt,
                lo, hi, offs_m, offs_n, offs_d, offs_p, T, P, sm_scale2, pscale,
-               BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr, PREC: tl.constexpr):
+               BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -114,7 +114,7 @@ def pathsum_fwd_kernel(Q, K, V, QP, KP, ALPHA, O, L,
                        s_pb, s_ph, s_pt, s_kpb, s_kph, s_kpt,
                        H, T, GROUP, P, sm_scale2, pscale,
                        D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       EVEN_T: tl.constexpr, PREC: tl.constexpr):
+                       EVEN_T: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -145,11 +145,11 @@ def pathsum_fwd_kernel(Q, K, V, QP, KP, ALPHA, O, L,
     upper = _bf16((tri[:, None] <= tri[None, :]).to(tl.float32))  # x @ upper = inclusive prefix along columns
     acc, l_i, m_i, carry = _fwd_inner(acc, l_i, m_i, carry, q, qp, alpha2, upper, k_base, v_base, kp_base, s_kt, s_vt,
                                       s_kpt, 0, start_m, offs_m, offs_n, offs_d, offs_p, T, P, sm_scale2, pscale,
-                                      BLOCK_N, False, EVEN_T, PREC)
+                                      BLOCK_N, False, EVEN_T)
     hi = tl.minimum(start_m + BLOCK_M, T)
     acc, l_i, m_i, carry = _fwd_inner(acc, l_i, m_i, carry, q, qp, alpha2, upper, k_base, v_base, kp_base, s_kt, s_vt,
                                       s_kpt, start_m, hi, offs_m, offs_n, offs_d, offs_p, T, P, sm_scale2, pscale,
-                                      BLOCK_N, True, EVEN_T, PREC)
+                                      BLOCK_N, True, EVEN_T)
     acc = acc / l_i[:, None]
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -163,7 +163,7 @@ def _dq_inner(dq, dqp, dal, carry_c, carry_e, q, do, lse, delta, qp, alpha2, upp
               k_base, v_base, kp_base, ct_base, et_base, s_kt, s_vt, s_pt, NT,
               lo, hi, offs_m, offs_n0, offs_d, offs_p, T, P, sm_scale2, pscale, alpha,
               BLOCK_N: tl.constexpr, TB: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr,
-              PREC: tl.constexpr, NEED_DALPHA: tl.constexpr):
+              NEED_DALPHA: tl.constexpr):
     row_ok = offs_m < T
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -214,7 +214,7 @@ def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT
                           s_pb, s_ph, s_pt, s_kpb, s_kph, s_kpt, s_dob, s_doh, s_dot, s_dqb, s_dqh, s_dqt,
                           H, T, GROUP, P, NT, sm_scale, sm_scale2, pscale,
                           D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          TB: tl.constexpr, EVEN_T: tl.constexpr, PREC: tl.constexpr, NEED_DALPHA: tl.constexpr):
+                          TB: tl.constexpr, EVEN_T: tl.constexpr, NEED_DALPHA: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -252,13 +252,13 @@ def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT
         dq, dqp, dal, carry_c, carry_e, q, do, lse, delta, qp, alpha2, upper, supper,
         k_base, v_base, kp_base, ct_base, et_base, s_kt, s_vt, s_kpt, NT,
         0, start_m, offs_m, offs_n0, offs_d, offs_p, T, P, sm_scale2, pscale, alpha,
-        BLOCK_N, TB, False, EVEN_T, PREC, NEED_DALPHA)
+        BLOCK_N, TB, False, EVEN_T, NEED_DALPHA)
     hi = tl.minimum(start_m + BLOCK_M, T)
     dq, dqp, dal, carry_c, carry_e = _dq_inner(
         dq, dqp, dal, carry_c, carry_e, q, do, lse, delta, qp, alpha2, upper, supper,
         k_base, v_base, kp_base, ct_base, et_base, s_kt, s_vt, s_kpt, NT,
         start_m, hi, offs_m, offs_n0, offs_d, offs_p, T, P, sm_scale2, pscale, alpha,
-        BLOCK_N, TB, True, EVEN_T, PREC, NEED_DALPHA)
+        BLOCK_N, TB, True, EVEN_T, NEED_DALPHA)
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DQP + pid_bh * T * P + offs_m[:, None] * P + offs_p[None, :], dqp,
@@ -273,7 +273,7 @@ def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT
 def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                 q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt, NT, n_tab,
                 lo, hi, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2, pscale,
-                BLOCK_M: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr, PREC: tl.constexpr):
+                BLOCK_M: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr):
     # Tiles are laid out (query rows, key columns) as in the dQ sweep, and dK/dV/dkp take transposed
     # products. (A (key, query) layout with the prefix as lower-triangular @ x was exact in the
     # interpreter but made illegal memory accesses on the H200.)
@@ -317,7 +317,7 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
                             s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
                             H, HKV, T, GROUP, P, NT, sm_scale, sm_scale2, pscale,
                             D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            EVEN_T: tl.constexpr, PREC: tl.constexpr):
+                            EVEN_T: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // HKV
@@ -354,11 +354,11 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
         dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                                   q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt,
                                   NT, pid_n, start_n, hi_diag, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2, pscale,
-                                  BLOCK_M, True, EVEN_T, PREC)
+                                  BLOCK_M, True, EVEN_T)
         dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                                   q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt,
                                   NT, pid_n, start_n + BLOCK_N, T, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2,
-                                  pscale, BLOCK_M, False, EVEN_T, PREC)
+                                  pscale, BLOCK_M, False, EVEN_T)
         tl.store(DKP + bh * T * P + offs_n[:, None] * P + offs_p[None, :], dkp,
                  mask=col_ok[:, None] & (offs_p[None, :] < P))
     tl.store(DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],

@@ -30,15 +30,18 @@ CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
     "dkdv": {16: (64, 128, 8, 3), 32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 128: (64, 128, 8, 3)},
     "dq": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
 }
-def _env_override() -> None:
-    """PELAB_TRITON_CONFIGS='{"lowrank": {"dkdv": [64, 128, 8, 2]}}' overrides launch configs (all head dims)."""
+
+
+def apply_config_override(section: str, configs: dict) -> None:
+    """PELAB_TRITON_CONFIGS='{"lowrank": {"dkdv": [64, 128, 8, 2]}, "pathsum": {...}}' overrides launch
+    configs of one kernel module (`section`) for all head dims."""
     import json
 
     raw = os.environ.get("PELAB_TRITON_CONFIGS")
     if raw:
-        for kind, cfg in json.loads(raw).get("lowrank", {}).items():
-            for d in CONFIGS[kind]:
-                CONFIGS[kind][d] = tuple(cfg)
+        for kind, cfg in json.loads(raw).get(section, {}).items():
+            for d in configs[kind]:
+                configs[kind][d] = tuple(cfg)
 
 
 # Form delta = rowsum(dO * O) from O in ~fp32 (bf16 O plus its bf16 rounding residual, one extra
@@ -274,4 +277,4 @@ def run(q, k, v, bias, scale, doc_ids=None):
     return lowrank_attention(q, k, v, bias, scale, doc_ids=doc_ids)
 
 
-_env_override()
+apply_config_override("lowrank", CONFIGS)

@@ -13,14 +13,12 @@ products and the in-tile prefix sums run on the tensor cores as bf16 hi+lo pairs
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from models.kernels.bias import PathSumBias
-from models.kernels.triton_lowrank import (_empty_bhtd, _has_triton, _last_contig, _s, interpret_mode,
-                                           triton_cdiv, ALLOW_CPU_INTERPRET)
+from models.kernels.triton_lowrank import (_empty_bhtd, _has_triton, _last_contig, _s, apply_config_override,
+                                           interpret_mode, triton_cdiv, ALLOW_CPU_INTERPRET)
 
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_PROBE_DIM = 64
@@ -32,20 +30,8 @@ CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
     "dkdv": {16: (16, 64, 4, 2), 32: (16, 64, 4, 2), 64: (16, 64, 4, 2), 128: (16, 64, 4, 2)},
     "dq": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (128, 32, 8, 2)},
 }
-def _env_override() -> None:
-    """PELAB_TRITON_CONFIGS='{"pathsum": {"dkdv": [64, 128, 8, 2]}}' overrides launch configs (all head dims)."""
-    import json
-
-    raw = os.environ.get("PELAB_TRITON_CONFIGS")
-    if raw:
-        for kind, cfg in json.loads(raw).get("pathsum", {}).items():
-            for d in CONFIGS[kind]:
-                CONFIGS[kind][d] = tuple(cfg)
-
 
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-# Passed to the kernels' PREC argument (unused since the probe products became bf16x3 on the tensor cores).
-PROBE_PRECISION = ["tf32x3"]
 
 
 def _jit():
@@ -57,10 +43,6 @@ def _jit():
 
 def _cfg(kind: str, D: int, device) -> tuple[int, int, int, int]:
     return CONFIGS[kind][D] if device.type == "cuda" else INTERPRET_CONFIGS[kind]
-
-
-def _prec(device) -> str:
-    return PROBE_PRECISION[0] if device.type == "cuda" else "ieee"
 
 
 def _pp(P: int) -> int:
@@ -79,7 +61,7 @@ def pathsum_attn_fwd(q: Tensor, k: Tensor, v: Tensor, qp: Tensor, kp: Tensor, al
     _jit().pathsum_fwd_kernel[(B * H, triton_cdiv(T, BM))](
         q, k, v, qp, kp, alpha, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), *_s(qp), *_s(kp),
         H, T, H // Hkv, P, scale * 1.4426950408889634, pscale,
-        D=D, PP=_pp(P), BLOCK_M=BM, BLOCK_N=BN, EVEN_T=T % BM == 0 and T % BN == 0, PREC=_prec(q.device),
+        D=D, PP=_pp(P), BLOCK_M=BM, BLOCK_N=BN, EVEN_T=T % BM == 0 and T % BN == 0,
         num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -115,18 +97,18 @@ def pathsum_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, qp: Tensor, kp
     dqp = torch.empty(B, H, T, P, device=q.device, dtype=torch.float32)
     dkp = torch.empty(B, H, T, P, device=q.device, dtype=torch.float32)
     dal = torch.empty(B, H, T, device=q.device, dtype=torch.float32) if need_dalpha else q.new_empty(0, dtype=torch.float32)
-    sm2, prec, PP = scale * 1.4426950408889634, _prec(q.device), _pp(P)
+    sm2, PP = scale * 1.4426950408889634, _pp(P)
     tlk.pathsum_bwd_dq_kernel[(B * H, triton_cdiv(T, bm_q))](
         q, k, v, qp, kp, alpha, do, lse, delta, dq, dqp, dal, ct, et,
         *_s(q), *_s(k), *_s(v), *_s(qp), *_s(kp), *_s(do), *_s(dq),
         H, T, H // Hkv, P, nt, scale, sm2, pscale,
-        D=D, PP=PP, BLOCK_M=bm_q, BLOCK_N=bn_q, TB=tb, EVEN_T=T % bm_q == 0 and T % bn_q == 0, PREC=prec,
+        D=D, PP=PP, BLOCK_M=bm_q, BLOCK_N=bn_q, TB=tb, EVEN_T=T % bm_q == 0 and T % bn_q == 0,
         NEED_DALPHA=need_dalpha, num_warps=w_q, num_stages=st_q)
     tlk.pathsum_bwd_dkdv_kernel[(B * Hkv, nt)](
         q, k, v, qp, kp, alpha, do, lse, delta, dk, dv, dkp, ct, et,
         *_s(q), *_s(k), *_s(v), *_s(qp), *_s(kp), *_s(do), *_s(dk), *_s(dv),
         H, Hkv, T, H // Hkv, P, nt, scale, sm2, pscale,
-        D=D, PP=PP, BLOCK_M=bm_kv, BLOCK_N=tb, EVEN_T=T % bm_kv == 0 and T % tb == 0, PREC=prec,
+        D=D, PP=PP, BLOCK_M=bm_kv, BLOCK_N=tb, EVEN_T=T % bm_kv == 0 and T % tb == 0,
         num_warps=w_kv, num_stages=st_kv)
     dalpha = dal.sum(dim=(0, 2)) if need_dalpha else q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dqp, dkp, dalpha
@@ -191,4 +173,4 @@ def run(q, k, v, bias, scale):
     return pathsum_attention(q, k, v, bias, scale)
 
 
-_env_override()
+apply_config_override("pathsum", CONFIGS)
