@@ -43,3 +43,25 @@ def tiny_cfg(data_root):
         return compose([*TINY, f"paths.data={data_root}", *overrides])
 
     return make
+
+
+def scale_loss(monkeypatch, factor: float, bad_call, grad_only: bool = False) -> None:
+    """Wrap `GPT.loss` so that the n-th call (1-based; with `grad_only`, counting training calls only)
+    returns its loss times `factor` when `bad_call(n)`: a loss spike or a NaN on chosen micro-batches."""
+    import torch
+
+    from models.gpt import GPT
+
+    real_loss = GPT.loss
+    calls = {"n": 0}
+
+    def loss(self, idx, targets, z_loss=0.0):
+        out = real_loss(self, idx, targets, z_loss)
+        if grad_only and not torch.is_grad_enabled():
+            return out
+        calls["n"] += 1
+        if bad_call(calls["n"]):
+            out["loss"] = out["loss"] * factor
+        return out
+
+    monkeypatch.setattr(GPT, "loss", loss)

@@ -13,6 +13,7 @@ import torch
 from models.config import GPTConfig
 from models.gpt import GPT
 from models.kernels import attend
+from tests.conftest import scale_loss
 from train.stability import (SpikeDetector, StabilityMonitor, StepStats, attention_stats, curve_offsets,
                              probe_forward, relative_decomposition, spike_flags)
 
@@ -287,18 +288,7 @@ def test_skip_spikes_leaves_parameters_unchanged_on_the_spiking_step(tiny_cfg, t
     from train.module import LMModule
 
     cfg = tiny_cfg("model.n_layer=1", "optim.skip_spikes=true")
-    real_loss = GPT.loss
-    calls = {"n": 0}
-
-    def spiky(self, idx, targets, z_loss=0.0):
-        out = real_loss(self, idx, targets, z_loss)
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] in (9, 10):  # both micro-batches of step 5
-                out["loss"] = out["loss"] * 30.0
-        return out
-
-    monkeypatch.setattr(GPT, "loss", spiky)
+    scale_loss(monkeypatch, 30.0, lambda n: n in (9, 10), grad_only=True)  # both micro-batches of step 5
     snaps = {}
 
     class Snap(L.Callback):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, scale_loss
 from train.__main__ import ConfigError, run
 
 
@@ -82,20 +82,9 @@ def test_existing_run_dir_is_not_silently_reused(tiny_cfg, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-    from models.gpt import GPT
     from train.module import NonFiniteLoss
 
-    real_loss = GPT.loss
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets, z_loss=0.0):
-        out = real_loss(self, idx, targets, z_loss)
-        calls["n"] += 1
-        if calls["n"] > 2 * 6:  # from step 7 on (2 micro-batches per step)
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(GPT, "loss", poisoned)
+    scale_loss(monkeypatch, float("nan"), lambda n: n > 2 * 6)  # from step 7 on (2 micro-batches per step)
     with pytest.raises(NonFiniteLoss, match="non-finite loss"):
         run(tiny_cfg("trainer.max_steps=12", "trainer.ckpt_every=5"), tmp_path)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
@@ -104,19 +93,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path,
 
 
 def test_nonfinite_loss_can_skip_the_step(tiny_cfg, tmp_path, monkeypatch):
-    from models.gpt import GPT
-
-    real_loss = GPT.loss
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets, z_loss=0.0):
-        out = real_loss(self, idx, targets, z_loss)
-        calls["n"] += 1
-        if calls["n"] in (5, 6):  # step 3 only
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(GPT, "loss", poisoned)
+    scale_loss(monkeypatch, float("nan"), lambda n: n in (5, 6))  # step 3 only
     summary = run(tiny_cfg("trainer.max_steps=6", "trainer.stop_on_nonfinite=false"), tmp_path)
     assert summary["steps"] == 6 and summary["val_loss"] == summary["val_loss"]  # finite, not NaN
 
