@@ -101,14 +101,34 @@ def _job(jid: str) -> dict:
     return dict(re.findall(r"(\w+)=(\S*)", r.stdout)) if r.returncode == 0 else {}
 
 
-def _wait(pred, timeout: float, what: str, every: float = 0.5):
+def _wait(pred, timeout: float, what: str, every: float = 0.5, explain=None):
+    """Poll pred until truthy; on timeout, fail with `explain()` (the job's state and log) attached."""
     end = time.time() + timeout
     while time.time() < end:
         v = pred()
         if v:
             return v
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{explain()}" if explain else ""))
+
+
+def _explain(jid: str, log_dir: Path, run_dir: Path):
+    """What a timed-out wait shows: scontrol's job record, the run's last logged step, the job log's tail."""
+    def explain() -> str:
+        info = _job(jid)
+        keys = ("JobState", "Reason", "Restarts", "ExitCode", "BatchFlag", "StartTime", "EndTime")
+        logs = sorted(log_dir.glob(f"*{jid}*.out")) + sorted(log_dir.glob(f".submitit/{jid}*/*_log.*"))
+        tails = "".join(f"--- {p}\n" + p.read_text(errors="replace")[-3000:] for p in logs)
+        queue = _sh("squeue", "-h", "-o", "%i %T %r %M", check=False).stdout
+        nodes = _sh("sinfo", "-h", "-N", "-o", "%N %T %E", check=False).stdout
+        daemons = Path(os.environ.get("PELAB_SLURM_DIR", "/tmp/pelab-slurm"))  # tests/slurm_cluster.sh's logs
+        for name in ("slurmctld.log", "slurmd.log"):
+            if (daemons / name).exists():
+                tails += f"--- {daemons / name}\n" + "".join((daemons / name).read_text(errors="replace")
+                                                               .splitlines(keepends=True)[-25:])
+        return (f"job {jid}: " + " ".join(f"{k}={info.get(k)}" for k in keys) + f"\nlast step in metrics.csv: "
+                f"{_last_step(run_dir)}\nsqueue:\n{queue}sinfo:\n{nodes}{tails or 'no job log found'}")
+    return explain
 
 
 def _last_step(run_dir: Path) -> int:
@@ -205,9 +225,10 @@ def test_sbatch_route_and_requeue_resume_exactly(cluster, data_dir, tmp_path):
     run_dir = runs / "requeued"
 
     # 1) The pre-timeout signal in the middle of the run: checkpoint at the step boundary, requeue itself.
-    _wait(lambda: _last_step(run_dir) >= 4, 600, "the job to reach step 4")
+    explain = _explain(jid, tmp_path, run_dir)
+    _wait(lambda: _last_step(run_dir) >= 4, 600, "the job to reach step 4", explain=explain)
     _sh("scancel", "--signal=USR1", jid)
-    info = _wait(lambda: _requeued_and_pending(jid, 1), 180, "the job to requeue itself")
+    _wait(lambda: _requeued_and_pending(jid, 1), 180, "the job to requeue itself", explain=explain)
     history = json.loads((run_dir / "requeue.json").read_text())["history"]
     assert len(history) == 1 and history[0]["signal"] == "SIGUSR1" and history[0]["job"] == jid
     first_stop = history[0]["step"]
@@ -217,15 +238,15 @@ def test_sbatch_route_and_requeue_resume_exactly(cluster, data_dir, tmp_path):
     # 2) A hard requeue (scontrol requeue: SIGTERM, then SIGKILL) of the resumed job; it resumes from the
     #    last periodic checkpoint.
     _wait(lambda: _job(jid).get("JobState") == "RUNNING" and _last_step(run_dir) >= first_stop + 4, 600,
-          "the requeued job to resume and make progress")
+          "the requeued job to resume and make progress", explain=explain)
     _sh("scontrol", "requeue", jid)
-    _wait(lambda: _requeued_and_pending(jid, 2), 180, "the hard requeue")
+    _wait(lambda: _requeued_and_pending(jid, 2), 180, "the hard requeue", explain=explain)
     _release(jid)
 
     # Both jobs finish.
     _wait(lambda: all(_job(j).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", None)
                       and _job(j).get("JobState") != "PENDING" for j in (straight, jid)), 900, "both jobs to end",
-          every=2)
+          every=2, explain=explain)
     for j in (straight, jid):
         info = _job(j)
         assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (j, info)

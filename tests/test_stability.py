@@ -70,6 +70,41 @@ def test_max_logit_and_entropy_match_a_dense_recomputation(pe):
         torch.testing.assert_close(st["map"], s.masked_fill(torch.isinf(s), 0).mean(0).float(), atol=1e-5, rtol=1e-5)
 
 
+def test_document_masked_probes_see_only_their_document():
+    """With model.document_mask the statistics are those of the rows the kernel attends over: keys of
+    earlier documents are hidden (a dense recomputation with the document mask), not whole causal rows."""
+    from models.kernels.documents import doc_ids_from_tokens, same_document
+
+    eot = 255
+    model = tiny_gpt("alibi", document_mask=True, eot_id=eot)
+    idx = torch.randint(0, 250, (2, 40))
+    idx[0, [9, 25]] = eot
+    idx[1, 17] = eot
+    docs = doc_ids_from_tokens(idx, eot)
+    got = []
+    hooks = [b.attn.register_forward_pre_hook(lambda attn, args: got.append(attn.project(*args)))
+             for b in model.blocks]
+    with torch.no_grad():
+        model(idx)
+    for h in hooks:
+        h.remove()
+    probes = probe_forward(model, idx)["scalars"]
+    for i, (q, k, v, bias) in enumerate(got):
+        st = attention_stats(q, k, bias, chunk=16, score_map=True, doc_ids=docs)
+        s = dense_scores(q, k, bias).masked_fill(~same_document(docs, docs), float("-inf"))
+        p = s.softmax(-1)
+        out = torch.einsum("bhij,bjhd->bihd", p, v.repeat_interleave(q.shape[2] // v.shape[2], dim=2).double())
+        torch.testing.assert_close(out.float(), attend(q, k, v, bias, backend="eager", doc_ids=docs),
+                                   atol=1e-5, rtol=1e-4)
+        ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1).mean(dim=(0, 2))
+        torch.testing.assert_close(st["entropy"], ent.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(st["max_logit"], s.amax(dim=(0, 2, 3)).float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(st["map"], s.masked_fill(torch.isinf(s), 0).mean(0).float(), atol=1e-5, rtol=1e-5)
+        assert probes[f"attn/entropy/L{i}"] == pytest.approx(float(ent.mean()), abs=1e-5)
+        whole_rows = attention_stats(q, k, bias, chunk=16)["entropy"]
+        assert not torch.allclose(whole_rows, st["entropy"], atol=1e-3)  # the mask matters at these shapes
+
+
 def test_alibi_bias_is_taken_as_the_true_relative_bias():
     """The kernels' ALiBi factor is +m*j (softmax ignores the -m*i row constant); the probe must see
     -m*(i - j): with zero query/key projections the scores are exactly the ALiBi bias."""

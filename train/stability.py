@@ -38,6 +38,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from models.kernels.documents import same_document
+
 log = logging.getLogger("pelab")
 
 # W&B workspace sections (metric names are "<section>/...").
@@ -197,13 +199,14 @@ def _expand_heads(k: Tensor, n_heads: int) -> Tensor:
 
 @torch.no_grad()
 def attention_stats(q: Tensor, k: Tensor, bias=None, scale: float | None = None, chunk: int = 256,
-                    score_map: bool = False) -> dict[str, Tensor]:
+                    score_map: bool = False, doc_ids: Tensor | None = None) -> dict[str, Tensor]:
     """Exact statistics of the causal pre-softmax scores S = q k^T * scale + bias (diagonal-anchored).
 
     q: (B, T, H, D), k: (B, T, Hkv, D) as `CausalSelfAttention.project` returns them; bias an
-    `AttentionBias` or None. Returns fp32 per-head tensors: "max_logit" (H,) over batch and causal
-    entries, "entropy" (H,) softmax entropy in nats averaged over batch and queries, and with
-    `score_map` the batch-mean score map "map" (H, T, T) (zero above the diagonal)."""
+    `AttentionBias` or None; doc_ids (B, T) hides keys of other documents, as the kernels do. Returns
+    fp32 per-head tensors: "max_logit" (H,) over batch and visible entries, "entropy" (H,) softmax
+    entropy in nats averaged over batch and queries, and with `score_map` the batch-mean score map
+    "map" (H, T, T) (zero where hidden)."""
     B, T, H, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     qh = q.transpose(1, 2).float()
@@ -219,6 +222,8 @@ def attention_stats(q: Tensor, k: Tensor, bias=None, scale: float | None = None,
             tile = bias.tile(slice(s, e), e).float()
             sc = sc + (tile - tile[:, :, r, s + r][..., None])
         masked = torch.arange(e, device=q.device)[None, :] > (s + r)[:, None]  # above the diagonal
+        if doc_ids is not None:
+            masked = masked | ~same_document(doc_ids[:, s:e], doc_ids[:, :e])
         sc0 = sc.masked_fill(masked, 0.0)
         max_logit = torch.maximum(max_logit, sc.masked_fill(masked, float("-inf")).amax(dim=(0, 2, 3)))
         lse = torch.logsumexp(sc.masked_fill(masked, float("-inf")), dim=-1, keepdim=True)
@@ -463,12 +468,12 @@ def probe_forward(model, idx: Tensor, nr: bool = False, resid_layers=None, chunk
                    {i % n_layer for i in resid_layers})
     T = idx.shape[1]
     positions = torch.arange(T, device=idx.device)
-    docs = model.document_ids(idx)  # scores below still span whole causal rows, across documents
+    docs = model.document_ids(idx)
     per_layer: list[dict] = []
 
     def pre_hook(attn, args):  # args: the block's (x, positions, document ids)
         q, k, _, bias = attn.project(*args)
-        per_layer.append(attention_stats(q, k, bias, chunk=chunk, score_map=nr))
+        per_layer.append(attention_stats(q, k, bias, chunk=chunk, score_map=nr, doc_ids=args[2]))
 
     hooks = [b.attn.register_forward_pre_hook(pre_hook) for b in model.blocks]
     s: dict[str, Tensor] = {}
