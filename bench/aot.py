@@ -1,5 +1,5 @@
 """Compile the pelab Triton kernels for sm_90 ahead of time, without a GPU (catches front-end errors and
-reports registers / spills / shared memory per launch config). `python -m bench.aot [--d 128]`."""
+reports registers / spills / shared memory per launch config). `python -m bench.aot [--d 128] [--docs]`."""
 from __future__ import annotations
 
 import argparse
@@ -68,14 +68,16 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="try a list of launch configs per kernel")
     ap.add_argument("--only", default="", help="comma list of kernel names")
     ap.add_argument("--rank", type=int, default=3)
+    ap.add_argument("--docs", action="store_true", help="the document-masked variants (HAS_DOC)")
     args = ap.parse_args(argv)
     from models.kernels import _tl_lowrank as L, _tl_pathsum as P, triton_lowrank as TL, triton_pathsum as TP
 
     D, dt = args.d, "*" + args.dtype
     f32p = "*fp32"
     out = []
-    lr_ptr = {"Q": dt, "K": dt, "V": dt, "A": f32p, "Bk": f32p, "O": dt, "L": f32p, "DO": dt, "DELTA": f32p,
-              "DK": dt, "DV": dt, "DB": f32p, "DQ": dt, "DA": f32p}
+    lr_ptr = {"Q": dt, "K": dt, "V": dt, "A": f32p, "Bk": f32p, "O": dt, "OLO": dt, "L": f32p, "DO": dt,
+              "DELTA": f32p, "DK": dt, "DV": dt, "DB": f32p, "DQ": dt, "DA": f32p,
+              "DOC": "*i32", "DSTART": "*i32", "DEND": "*i32"}
     ps_ptr = {"Q": dt, "K": dt, "V": dt, "QP": f32p, "KP": f32p, "ALPHA": f32p, "O": dt, "L": f32p, "DO": dt,
               "DELTA": f32p, "DK": dt, "DV": dt, "DKP": f32p, "DQ": dt, "DQP": f32p, "DAL": f32p, "CT": f32p, "ET": f32p}
     fl = ("sm_scale", "sm_scale2", "pscale")
@@ -96,7 +98,8 @@ def main(argv=None):
         for bm, bn, w, st in cfgs:
             if name == "pathsum_dq":
                 extra = dict(extra, TB=bn)
-            consts = dict(extra, D=D, BLOCK_M=bm, BLOCK_N=bn, EVEN_T=True)
+            flags = {"EVEN_T": True, "STORE_LO": False, "HAS_DOC": args.docs}  # those the kernel takes
+            consts = dict(extra, D=D, BLOCK_M=bm, BLOCK_N=bn, **{k: v for k, v in flags.items() if k in fn.arg_names})
             try:
                 r = compile_one(fn, ptrs, consts, w, st, fl)
                 print(f"{name:<14} cfg={(bm, bn, w, st)} {r}", flush=True)

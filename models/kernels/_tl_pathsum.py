@@ -273,8 +273,8 @@ def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT
 def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                 q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt, NT, n_tab,
                 lo, hi, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2, pscale,
-                BLOCK_M: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr):
-    # Tiles are laid out (query rows, key columns) as in the dQ sweep, and dK/dV/dkp take transposed
+                BLOCK_M: tl.constexpr, MASK: tl.constexpr):
+    # Every load is masked (no EVEN_T variant). Tiles are laid out (query rows, key columns) as in the dQ sweep, and dK/dV/dkp take transposed
     # products. (A (key, query) layout with the prefix as lower-triangular @ x was exact in the
     # interpreter but made illegal memory accesses on the H200.)
     for start_m in range(lo, hi, BLOCK_M):
@@ -316,8 +316,7 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
                             s_pb, s_ph, s_pt, s_kpb, s_kph, s_kpt, s_dob, s_doh, s_dot,
                             s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
                             H, HKV, T, GROUP, P, NT, sm_scale, sm_scale2, pscale,
-                            D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            EVEN_T: tl.constexpr):
+                            D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // HKV
@@ -354,11 +353,11 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
         dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                                   q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt,
                                   NT, pid_n, start_n, hi_diag, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2, pscale,
-                                  BLOCK_M, True, EVEN_T)
+                                  BLOCK_M, True)
         dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                                   q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt,
                                   NT, pid_n, start_n + BLOCK_N, T, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2,
-                                  pscale, BLOCK_M, False, EVEN_T)
+                                  pscale, BLOCK_M, False)
         tl.store(DKP + bh * T * P + offs_n[:, None] * P + offs_p[None, :], dkp,
                  mask=col_ok[:, None] & (offs_p[None, :] < P))
     tl.store(DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],

@@ -108,7 +108,7 @@ def pathsum_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, qp: Tensor, kp
         q, k, v, qp, kp, alpha, do, lse, delta, dk, dv, dkp, ct, et,
         *_s(q), *_s(k), *_s(v), *_s(qp), *_s(kp), *_s(do), *_s(dk), *_s(dv),
         H, Hkv, T, H // Hkv, P, nt, scale, sm2, pscale,
-        D=D, PP=PP, BLOCK_M=bm_kv, BLOCK_N=tb, EVEN_T=T % bm_kv == 0 and T % tb == 0,
+        D=D, PP=PP, BLOCK_M=bm_kv, BLOCK_N=tb,
         num_warps=w_kv, num_stages=st_kv)
     dalpha = dal.sum(dim=(0, 2)) if need_dalpha else q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dqp, dkp, dalpha
