@@ -150,8 +150,10 @@ def _requeued_and_pending(jid: str, restarts: int):
 
 
 def _release(jid: str) -> None:
-    """Slurm holds a requeued batch job for ~2 minutes (BeginTime); let it start now."""
-    _sh("scontrol", "update", f"jobid={jid}", "StartTime=now", check=False)
+    """Slurm holds a requeued batch job for ~2 minutes (BeginTime); let it start in a few seconds.
+    Not at once: slurmd revokes the stopped run's job credential, and a relaunch within the same second
+    is killed as "Job credential revoked" (the job then ends FAILED instead of resuming)."""
+    _sh("scontrol", "update", f"jobid={jid}", "StartTime=now+3", check=False)
 
 
 def test_launcher_multirun_one_job_per_cell(cluster, data_dir, tmp_path):

@@ -7,6 +7,7 @@ checkpoints/last.ckpt.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -106,7 +107,11 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
         torch.set_float32_matmul_precision("high")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    # Every rank writes the same file, and the others read it in resume_checkpoint: write it atomically
+    # (a reader of a half-written file saw "different settings" and stopped with exit code 2).
+    tmp = run_dir / f"config.yaml.{os.getpid()}.tmp"
+    OmegaConf.save(cfg, tmp, resolve=True)
+    os.replace(tmp, run_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cell = describe(model_cfg, int(cfg.trainer.seq_len))
     strategy, strategy_name = build_strategy(cfg, sizes["world"], cell["total_params"], precision)
