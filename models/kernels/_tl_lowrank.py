@@ -26,6 +26,8 @@ are never materialised and no atomics are used.
 import triton
 import triton.language as tl
 
+from models.kernels._tl_common import load_row_stats, load_rows
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -96,10 +98,7 @@ def _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         col_ok = cols < T
-        if EVEN_T:
-            k = tl.load(k_base + cols[:, None] * s_kt + offs_d[None, :])
-        else:
-            k = tl.load(k_base + cols[:, None] * s_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = load_rows(k_base, cols, s_kt, offs_d, col_ok, EVEN_T)
         s = tl.dot(q, tl.trans(k)) * sm_scale2
         if R > 0:
             b0, b1, b2, b3 = _load_cols(bk_base, cols, s_bt, col_ok, R)
@@ -114,10 +113,7 @@ def _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if EVEN_T:
-            v = tl.load(v_base + cols[:, None] * s_vt + offs_d[None, :])
-        else:
-            v = tl.load(v_base + cols[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = load_rows(v_base, cols, s_vt, offs_d, col_ok, EVEN_T)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -140,11 +136,7 @@ def lowrank_fwd_kernel(Q, K, V, A, Bk, O, L, OLO, DOC, DSTART,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < T
-    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
-    if EVEN_T:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, EVEN_T)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
     a_base = A + b * s_ab + h * s_ah
@@ -219,16 +211,9 @@ def _dkdv_inner(dk, dv, db0, db1, db2, db3, k, v, b0, b1, b2, b3,
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m0
         row_ok = rows < T
-        if EVEN_T:
-            q = tl.load(q_base + rows[:, None] * s_qt + offs_d[None, :])
-            do = tl.load(do_base + rows[:, None] * s_dot + offs_d[None, :])
-            lse = tl.load(l_base + rows)
-            delta = tl.load(dl_base + rows)
-        else:
-            q = tl.load(q_base + rows[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows[:, None] * s_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(l_base + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(dl_base + rows, mask=row_ok, other=0.0)
+        q = load_rows(q_base, rows, s_qt, offs_d, row_ok, EVEN_T)
+        do = load_rows(do_base, rows, s_dot, offs_d, row_ok, EVEN_T)
+        lse, delta = load_row_stats(l_base + rows, dl_base + rows, row_ok, EVEN_T)
         sT = tl.dot(k, tl.trans(q)) * sm_scale2  # (N, M)
         if R > 0:
             a0, a1, a2, a3 = _load_cols(a_base, rows, s_at, row_ok, R)
@@ -286,14 +271,8 @@ def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB, DOC, DEND,
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < T
-    k_ptrs = K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kt + offs_d[None, :]
-    v_ptrs = V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vt + offs_d[None, :]
-    if EVEN_T:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    k = load_rows(K + b * s_kb + hk * s_kh, offs_n, s_kt, offs_d, col_ok, EVEN_T)
+    v = load_rows(V + b * s_vb + hk * s_vh, offs_n, s_vt, offs_d, col_ok, EVEN_T)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     hi_diag = tl.minimum(start_n + BLOCK_N, T)
@@ -341,12 +320,8 @@ def _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1,
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n0
         col_ok = cols < T
-        if EVEN_T:
-            k = tl.load(k_base + cols[:, None] * s_kt + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * s_vt + offs_d[None, :])
-        else:
-            k = tl.load(k_base + cols[:, None] * s_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = load_rows(k_base, cols, s_kt, offs_d, col_ok, EVEN_T)
+        v = load_rows(v_base, cols, s_vt, offs_d, col_ok, EVEN_T)
         s = tl.dot(q, tl.trans(k)) * sm_scale2
         if R > 0:
             b0, b1, b2, b3 = _load_cols(bk_base, cols, s_bt, col_ok, R)
@@ -386,18 +361,9 @@ def lowrank_bwd_dq_kernel(Q, K, V, A, Bk, DO, L, DELTA, DQ, DA, DOC, DSTART,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < T
-    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
-    do_ptrs = DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dot + offs_d[None, :]
-    if EVEN_T:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
-        lse = tl.load(L + pid_bh * T + offs_m)
-        delta = tl.load(DELTA + pid_bh * T + offs_m)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(L + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, EVEN_T)
+    do = load_rows(DO + b * s_dob + h * s_doh, offs_m, s_dot, offs_d, row_ok, EVEN_T)
+    lse, delta = load_row_stats(L + pid_bh * T + offs_m, DELTA + pid_bh * T + offs_m, row_ok, EVEN_T)
     a_base = A + b * s_ab + h * s_ah
     bk_base = Bk + b * s_bb + h * s_bh
     a0, a1, a2, a3 = _load_cols(a_base, offs_m, s_at, row_ok, R)

@@ -23,6 +23,8 @@ import os
 import triton
 import triton.language as tl
 
+from models.kernels._tl_common import load_row_stats, load_rows
+
 # The CPU interpreter's bf16 tl.dot is wrong (numpy emulation): there, operands are rounded to
 # bf16 and multiplied in fp32, which is exact for bf16 x bf16 products (same numbers as the GPU).
 _EMU = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
@@ -87,10 +89,7 @@ def _fwd_inner(acc, l_i, m_i, carry, q, qp, alpha2, upper,
         psi2, e, l1p = _psi(z, alpha2)
         c_tile = carry[:, None] + _prefix_cols(psi2, upper)
         carry += tl.sum(psi2, 1)
-        if EVEN_T:
-            k = tl.load(k_base + cols[:, None] * s_kt + offs_d[None, :])
-        else:
-            k = tl.load(k_base + cols[:, None] * s_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = load_rows(k_base, cols, s_kt, offs_d, col_ok, EVEN_T)
         s = tl.dot(q, tl.trans(k)) * sm_scale2 - c_tile
         if MASK:
             s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
@@ -99,10 +98,7 @@ def _fwd_inner(acc, l_i, m_i, carry, q, qp, alpha2, upper,
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if EVEN_T:
-            v = tl.load(v_base + cols[:, None] * s_vt + offs_d[None, :])
-        else:
-            v = tl.load(v_base + cols[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = load_rows(v_base, cols, s_vt, offs_d, col_ok, EVEN_T)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i, carry
@@ -126,11 +122,7 @@ def pathsum_fwd_kernel(Q, K, V, QP, KP, ALPHA, O, L,
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, PP)
     row_ok = offs_m < T
-    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
-    if EVEN_T:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, EVEN_T)
     qp = tl.load(QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pt + offs_p[None, :],
                  mask=row_ok[:, None] & (offs_p[None, :] < P), other=0.0)
     alpha2 = tl.load(ALPHA + h) * LOG2E
@@ -178,12 +170,8 @@ def _dq_inner(dq, dqp, dal, carry_c, carry_e, q, do, lse, delta, qp, alpha2, upp
         psi2, e, l1p = _psi(z, alpha2)
         c_tile = carry_c[:, None] + _prefix_cols(psi2, upper)
         carry_c += tl.sum(psi2, 1)
-        if EVEN_T:
-            k = tl.load(k_base + cols[:, None] * s_kt + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * s_vt + offs_d[None, :])
-        else:
-            k = tl.load(k_base + cols[:, None] * s_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = load_rows(k_base, cols, s_kt, offs_d, col_ok, EVEN_T)
+        v = load_rows(v_base, cols, s_vt, offs_d, col_ok, EVEN_T)
         s = tl.dot(q, tl.trans(k)) * sm_scale2 - c_tile
         p = tl.math.exp2(s - lse[:, None])
         causal = offs_m[:, None] >= cols[None, :]
@@ -226,11 +214,9 @@ def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, PP)
     row_ok = offs_m < T
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dot + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)
-    lse = tl.load(L + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, False)
+    do = load_rows(DO + b * s_dob + h * s_doh, offs_m, s_dot, offs_d, row_ok, False)
+    lse, delta = load_row_stats(L + pid_bh * T + offs_m, DELTA + pid_bh * T + offs_m, row_ok, False)
     qp = tl.load(QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pt + offs_p[None, :],
                  mask=row_ok[:, None] & (offs_p[None, :] < P), other=0.0)
     alpha = tl.load(ALPHA + h)
@@ -281,10 +267,9 @@ def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m0
         row_ok = rows < T
-        q = tl.load(q_base + rows[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * s_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(l_base + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(dl_base + rows, mask=row_ok, other=0.0)
+        q = load_rows(q_base, rows, s_qt, offs_d, row_ok, False)
+        do = load_rows(do_base, rows, s_dot, offs_d, row_ok, False)
+        lse, delta = load_row_stats(l_base + rows, dl_base + rows, row_ok, False)
         qp = tl.load(qp_base + rows[:, None] * s_pt + offs_p[None, :], mask=row_ok[:, None] & (offs_p[None, :] < P),
                      other=0.0)
         c0 = tl.load(ct_base + rows * NT + n_tab, mask=row_ok, other=0.0)
@@ -327,8 +312,8 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, PP)
     col_ok = offs_n < T
-    k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = load_rows(K + b * s_kb + hk * s_kh, offs_n, s_kt, offs_d, col_ok, False)
+    v = load_rows(V + b * s_vb + hk * s_vh, offs_n, s_vt, offs_d, col_ok, False)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     hi_diag = tl.minimum(start_n + BLOCK_N, T)

@@ -252,6 +252,11 @@ def supports(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
     if bias is not None and (bias.rank > MAX_RANK or bias.q_terms.shape[1] not in (1, q.shape[1])
                              or bias.k_terms.shape[1] not in (1, q.shape[1])):
         return False
+    return runnable(q, k, v)
+
+
+def runnable(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Head dims, dtypes and device the pelab Triton kernels (both modules) take."""
     if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
         return False
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):

@@ -17,10 +17,8 @@ import torch
 from torch import Tensor
 
 from models.kernels.bias import PathSumBias
-from models.kernels.triton_lowrank import (_empty_bhtd, _has_triton, _last_contig, _s, apply_config_override,
-                                           interpret_mode, triton_cdiv, ALLOW_CPU_INTERPRET)
+from models.kernels.triton_lowrank import _empty_bhtd, _last_contig, _s, apply_config_override, runnable, triton_cdiv
 
-HEAD_DIMS = (16, 32, 64, 128)
 MAX_PROBE_DIM = 64
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the dK/dV BLOCK_N is the prefix-table stride TB and
@@ -160,13 +158,7 @@ def supports(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
         return False
     if bias.alpha.numel() not in (1, q.shape[1]):
         return False
-    if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
-        return False
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False
-    if q.is_cuda:
-        return _has_triton()
-    return interpret_mode() and ALLOW_CPU_INTERPRET[0] and _has_triton()
+    return runnable(q, k, v)
 
 
 def run(q, k, v, bias, scale):
