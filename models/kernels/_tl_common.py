@@ -4,6 +4,31 @@ import triton.language as tl
 
 
 @triton.jit
+def query_block(H, GROUP, T, BLOCK_M: tl.constexpr):
+    """This program's (batch x head, query block) for a grid (B * H, cdiv(T, BLOCK_M)): the longest
+    (last, most keys) query blocks are launched first. Returns pid_bh, b, h, the KV head, the block's
+    first row, its row indices and which of them are < T."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return pid_bh, b, h, h // GROUP, start_m, offs_m, offs_m < T
+
+
+@triton.jit
+def key_block(HKV, T, BLOCK_N: tl.constexpr):
+    """This program's (batch x KV head, key block) for a grid (B * HKV, cdiv(T, BLOCK_N)). Returns
+    pid_bh, b, the KV head, the block index, its first column, its column indices and which are < T."""
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    return pid_bh, pid_bh // HKV, pid_bh % HKV, pid_n, start_n, offs_n, offs_n < T
+
+
+@triton.jit
 def load_rows(base, idx, stride, offs_d, ok, EVEN: tl.constexpr):
     """The rows `idx` of a row-major (T, D) slab at `base`; rows where `ok` is false read as 0
     (EVEN: every row is in range, no mask)."""

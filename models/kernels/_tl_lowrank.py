@@ -26,7 +26,7 @@ are never materialised and no atomics are used.
 import triton
 import triton.language as tl
 
-from models.kernels._tl_common import load_row_stats, load_rows
+from models.kernels._tl_common import key_block, load_row_stats, load_rows, query_block
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -126,16 +126,9 @@ def lowrank_fwd_kernel(Q, K, V, A, Bk, O, L, OLO, DOC, DSTART,
                        H, T, GROUP, sm_scale2,
                        R: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        EVEN_T: tl.constexpr, STORE_LO: tl.constexpr, HAS_DOC: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < T
     q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, EVEN_T)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
@@ -262,15 +255,9 @@ def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB, DOC, DEND,
                             H, HKV, T, GROUP, sm_scale, sm_scale2,
                             R: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             EVEN_T: tl.constexpr, NEED_DB: tl.constexpr, HAS_DOC: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    pid_bh, b, hk, pid_n, start_n, offs_n, col_ok = key_block(HKV, T, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    col_ok = offs_n < T
     k = load_rows(K + b * s_kb + hk * s_kh, offs_n, s_kt, offs_d, col_ok, EVEN_T)
     v = load_rows(V + b * s_vb + hk * s_vh, offs_n, s_vt, offs_d, col_ok, EVEN_T)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
@@ -351,16 +338,9 @@ def lowrank_bwd_dq_kernel(Q, K, V, A, Bk, DO, L, DELTA, DQ, DA, DOC, DSTART,
                           H, T, GROUP, sm_scale, sm_scale2,
                           R: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           EVEN_T: tl.constexpr, NEED_DA: tl.constexpr, HAS_DOC: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < T
     q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, EVEN_T)
     do = load_rows(DO + b * s_dob + h * s_doh, offs_m, s_dot, offs_d, row_ok, EVEN_T)
     lse, delta = load_row_stats(L + pid_bh * T + offs_m, DELTA + pid_bh * T + offs_m, row_ok, EVEN_T)

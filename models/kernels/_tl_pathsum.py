@@ -23,7 +23,7 @@ import os
 import triton
 import triton.language as tl
 
-from models.kernels._tl_common import load_row_stats, load_rows
+from models.kernels._tl_common import key_block, load_row_stats, load_rows, query_block
 
 # The CPU interpreter's bf16 tl.dot is wrong (numpy emulation): there, operands are rounded to
 # bf16 and multiplied in fp32, which is exact for bf16 x bf16 products (same numbers as the GPU).
@@ -111,17 +111,10 @@ def pathsum_fwd_kernel(Q, K, V, QP, KP, ALPHA, O, L,
                        H, T, GROUP, P, sm_scale2, pscale,
                        D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        EVEN_T: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, PP)
-    row_ok = offs_m < T
     q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, EVEN_T)
     qp = tl.load(QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pt + offs_p[None, :],
                  mask=row_ok[:, None] & (offs_p[None, :] < P), other=0.0)
@@ -203,17 +196,10 @@ def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT
                           H, T, GROUP, P, NT, sm_scale, sm_scale2, pscale,
                           D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           TB: tl.constexpr, EVEN_T: tl.constexpr, NEED_DALPHA: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, PP)
-    row_ok = offs_m < T
     q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, False)
     do = load_rows(DO + b * s_dob + h * s_doh, offs_m, s_dot, offs_d, row_ok, False)
     lse, delta = load_row_stats(L + pid_bh * T + offs_m, DELTA + pid_bh * T + offs_m, row_ok, False)
@@ -302,16 +288,10 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
                             s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
                             H, HKV, T, GROUP, P, NT, sm_scale, sm_scale2, pscale,
                             D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    pid_bh, b, hk, pid_n, start_n, offs_n, col_ok = key_block(HKV, T, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, PP)
-    col_ok = offs_n < T
     k = load_rows(K + b * s_kb + hk * s_kh, offs_n, s_kt, offs_d, col_ok, False)
     v = load_rows(V + b * s_vb + hk * s_vh, offs_n, s_vt, offs_d, col_ok, False)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
