@@ -128,10 +128,12 @@ class LMModule(L.LightningModule):
             lse_sq_sum += out["lse_sq"].detach()
         clip = self.optim_cfg.get("grad_clip") or float("inf")
         grad_norm = self.clip_grad_norm(clip)
-        loss = loss_sum / accum
+        loss, lse, lse_sq = loss_sum / accum, lse_sum / accum, lse_sq_sum / accum
+        if self.trainer.world_size > 1:  # the global batch's means (no host sync): every rank's spike rule,
+            # NaN check and logged values see what one process with accumulation would
+            loss, lse, lse_sq = self.trainer.strategy.reduce(torch.stack([loss, lse, lse_sq]), reduce_op="mean")
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        spike = None if self.step_stats is None else \
-            self.step_stats.record(loss, lse_sum / accum, lse_sq_sum / accum, grad_norm, clip)
+        spike = None if self.step_stats is None else self.step_stats.record(loss, lse, lse_sq, grad_norm, clip)
         # optim.skip_spikes: a host sync per step, only when asked for.
         skip = self.skip_spikes and self.step_stats.should_skip(spike, self.trainer.strategy)
         if self.stop_on_nonfinite:
@@ -145,7 +147,7 @@ class LMModule(L.LightningModule):
         sched.step()
         step = self.global_step  # already counts this update
         if step % self.log_every == 0 or step == self.max_steps:
-            self._log_step(step, loss, lse_sum / accum, grad_norm, clip, sched.get_last_lr()[0])
+            self._log_step(step, loss, lse, grad_norm, clip, sched.get_last_lr()[0])
 
     def clip_grad_norm(self, clip: float) -> torch.Tensor:
         """Clip to `clip` and return the pre-clip norm of the whole (global) gradient. Under FSDP each
@@ -179,8 +181,6 @@ class LMModule(L.LightningModule):
                       "throughput/data_wait": self._data_wait / (now - self._t_last)}
         self._t_last, self._step_last, self._data_wait = now, step, 0.0
         world = self.trainer.world_size
-        if world > 1:  # each rank computed its own micro-batches: log the mean over the global batch
-            loss, lse = self.trainer.strategy.reduce(torch.stack([loss, lse]).float(), reduce_op="mean")
         gn = float(grad_norm)
         m = {"train/loss": float(loss), "train/lse": float(lse), "lr": lr, "grad_norm": gn,
              "grad_clipped": float(gn > clip), "tokens": step * self.tokens_per_step}
