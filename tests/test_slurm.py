@@ -189,7 +189,8 @@ def test_launcher_multirun_one_job_per_cell(cluster, data_dir, tmp_path):
         cell = _wait(running_cell, 600, "a cell to reach step 4")
         jid = _sh("squeue", "-h", "-t", "RUNNING", "-o", "%i").stdout.split()[0]
         _sh("scancel", "--signal=USR2", jid)
-        _wait(lambda: _requeued_and_pending(jid, 1), 180, "the cell's job to requeue itself")
+        _wait(lambda: _requeued_and_pending(jid, 1), 180, "the cell's job to requeue itself",
+              explain=_explain(jid, cell.parent, cell))
         _release(jid)
         out, _ = launcher.communicate(timeout=900)
     finally:
