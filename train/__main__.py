@@ -7,7 +7,6 @@ checkpoints/last.ckpt.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -80,6 +79,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
     import torch
 
     from data.datamodule import TokenDataModule
+    from data.shards import atomic_write
     from models.inspect import describe
     from train.callbacks import AtomicCheckpointIO, LoggerBridge, MetricsCSV, PeriodicCheckpoint, write_summary
     from train.config import model_config
@@ -107,11 +107,9 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
         torch.set_float32_matmul_precision("high")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Every rank writes the same file, and the others read it in resume_checkpoint: write it atomically
-    # (a reader of a half-written file saw "different settings" and stopped with exit code 2).
-    tmp = run_dir / f"config.yaml.{os.getpid()}.tmp"
-    OmegaConf.save(cfg, tmp, resolve=True)
-    os.replace(tmp, run_dir / "config.yaml")
+    # Every rank writes the same file while the others may read it in resume_checkpoint: atomically
+    # (a half-written file read as "different settings"), with a temp file per writer.
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cell = describe(model_cfg, int(cfg.trainer.seq_len))
     strategy, strategy_name = build_strategy(cfg, sizes["world"], cell["total_params"], precision)
