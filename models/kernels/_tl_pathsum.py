@@ -246,9 +246,9 @@ def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
                 q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt, NT, n_tab,
                 lo, hi, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2, pscale,
                 BLOCK_M: tl.constexpr, MASK: tl.constexpr):
-    # Every load is masked (no EVEN_T variant). Tiles are laid out (query rows, key columns) as in the dQ sweep, and dK/dV/dkp take transposed
-    # products. (A (key, query) layout with the prefix as lower-triangular @ x was exact in the
-    # interpreter but made illegal memory accesses on the H200.)
+    # Every load is masked (no EVEN_T variant). Tiles are laid out (query rows, key columns) as in
+    # the dQ sweep, and dK/dV/dkp take transposed products. (A (key, query) layout with the prefix as
+    # lower-triangular @ x was exact in the interpreter but made illegal memory accesses on the H200.)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m0

@@ -34,9 +34,8 @@ INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 1
 
 def _jit():
     from models.kernels import _tl_pathsum
-    from models.kernels.triton_lowrank import _matching_mode
 
-    return _matching_mode(_tl_pathsum, "pathsum_fwd_kernel")
+    return _tl_pathsum
 
 
 def _cfg(kind: str, D: int, device) -> tuple[int, int, int, int]:
@@ -77,9 +76,8 @@ def pathsum_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, qp: Tensor, kp
     B, H, T, D = q.shape
     Hkv, P = k.shape[1], qp.shape[-1]
     tlk = _jit()
-    from models.kernels.triton_lowrank import _jit as _lowrank_jit
+    from models.kernels import _tl_lowrank  # its delta kernel
 
-    _tl_lowrank = _lowrank_jit()
     do, qp, kp, alpha = _last_contig(do), _last_contig(qp), _last_contig(kp), alpha.contiguous()
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     blk = 64 if q.device.type == "cuda" else 16
