@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from models.kernels.documents import same_document
+from train.callbacks import write_step_csv
 
 log = logging.getLogger("pelab")
 
@@ -449,8 +450,6 @@ class StabilityMonitor(L.Callback):
         log_offset_curves(trainer.loggers, doc)
 
     def _flush(self) -> None:
-        from train.callbacks import write_step_csv
-
         write_step_csv(self.path, self.rows, ["step", "tokens"])
 
 
