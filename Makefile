@@ -26,7 +26,9 @@ install: $(STAMP)  ## create .venv with pelab and its dev tools
 train: $(STAMP)  ## pretrain the default model offline on the embedded data (ARGS="pe=alibi ...")
 	$(PY) -m train $(ARGS)
 
-test: $(STAMP)  ## run the test suite (CPU)
+test: $(STAMP)  ## lint (ruff) and run the test suite (CPU)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 test-slurm: $(STAMP)  ## real-Slurm tests; starts (and stops) a one-node cluster from Debian's Slurm if none is reachable

@@ -1,5 +1,6 @@
 """Compile the pelab Triton kernels for sm_90 ahead of time, without a GPU (catches front-end errors and
 reports registers / spills / shared memory per launch config). `python -m bench.aot [--d 128] [--docs]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,21 @@ def compile_one(fn, ptr_types: dict, consts: dict, num_warps: int, num_stages: i
     for a in float_args:
         types[a] = "fp32"
     # what the JIT specializes at run time: 16-aligned pointers, strides/lengths divisible by 16
-    div = [i for i, n in enumerate(fn.arg_names) if n not in consts and (
-        types.get(n, "").startswith("*") or (n.startswith("s_") and n[2:4] not in ("ab", "ah", "at", "bb", "bh", "bt"))
-        or n in ("T", "NT"))]
+    div = [
+        i
+        for i, n in enumerate(fn.arg_names)
+        if n not in consts
+        and (
+            types.get(n, "").startswith("*")
+            or (n.startswith("s_") and n[2:4] not in ("ab", "ah", "at", "bb", "bh", "bt"))
+            or n in ("T", "NT")
+        )
+    ]
     attrs = {(i,): [["tt.divisibility", 16]] for i in div}
     src = ASTSource(fn, _sig(fn, types, consts), consts, attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    k = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     md = k.metadata
     import os
     import subprocess
@@ -49,9 +59,16 @@ def compile_one(fn, ptr_types: dict, consts: dict, num_warps: int, num_stages: i
     os.unlink(f.name)
     m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", res)
     regs, stack, _, local = (int(x) for x in m.groups()) if m else (None,) * 4
-    return {"regs": regs, "stack": stack, "local": local, "shared": md.shared,
-            "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA"), "mufu": sass.count("MUFU"),
-            "ldl_stl": sass.count("LDL") + sass.count("STL")}
+    return {
+        "regs": regs,
+        "stack": stack,
+        "local": local,
+        "shared": md.shared,
+        "hgmma": sass.count("HGMMA"),
+        "hmma": sass.count("HMMA"),
+        "mufu": sass.count("MUFU"),
+        "ldl_stl": sass.count("LDL") + sass.count("STL"),
+    }
 
 
 SWEEP = {
@@ -70,24 +87,68 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=3)
     ap.add_argument("--docs", action="store_true", help="the document-masked variants (HAS_DOC)")
     args = ap.parse_args(argv)
-    from models.kernels import _tl_lowrank as L, _tl_pathsum as P, triton_lowrank as TL, triton_pathsum as TP
+    from pelab.models.kernels import _tl_lowrank as L
+    from pelab.models.kernels import _tl_pathsum as P
+    from pelab.models.kernels import triton_lowrank as TL
+    from pelab.models.kernels import triton_pathsum as TP
 
     D, dt = args.d, "*" + args.dtype
     f32p = "*fp32"
     out = []
-    lr_ptr = {"Q": dt, "K": dt, "V": dt, "A": f32p, "Bk": f32p, "O": dt, "OLO": dt, "L": f32p, "DO": dt,
-              "DELTA": f32p, "DK": dt, "DV": dt, "DB": f32p, "DQ": dt, "DA": f32p,
-              "DOC": "*i32", "DSTART": "*i32", "DEND": "*i32"}
-    ps_ptr = {"Q": dt, "K": dt, "V": dt, "QP": f32p, "KP": f32p, "ALPHA": f32p, "O": dt, "L": f32p, "DO": dt,
-              "DELTA": f32p, "DK": dt, "DV": dt, "DKP": f32p, "DQ": dt, "DQP": f32p, "DAL": f32p, "CT": f32p, "ET": f32p}
+    lr_ptr = {
+        "Q": dt,
+        "K": dt,
+        "V": dt,
+        "A": f32p,
+        "Bk": f32p,
+        "O": dt,
+        "OLO": dt,
+        "L": f32p,
+        "DO": dt,
+        "DELTA": f32p,
+        "DK": dt,
+        "DV": dt,
+        "DB": f32p,
+        "DQ": dt,
+        "DA": f32p,
+        "DOC": "*i32",
+        "DSTART": "*i32",
+        "DEND": "*i32",
+    }
+    ps_ptr = {
+        "Q": dt,
+        "K": dt,
+        "V": dt,
+        "QP": f32p,
+        "KP": f32p,
+        "ALPHA": f32p,
+        "O": dt,
+        "L": f32p,
+        "DO": dt,
+        "DELTA": f32p,
+        "DK": dt,
+        "DV": dt,
+        "DKP": f32p,
+        "DQ": dt,
+        "DQP": f32p,
+        "DAL": f32p,
+        "CT": f32p,
+        "ET": f32p,
+    }
     fl = ("sm_scale", "sm_scale2", "pscale")
     for name, fn, ptrs, kind, mod, extra in [
         ("lowrank_fwd", L.lowrank_fwd_kernel, lr_ptr, "fwd", TL, {"R": 3}),
         ("lowrank_dkdv", L.lowrank_bwd_dkdv_kernel, lr_ptr, "dkdv", TL, {"R": 3, "NEED_DB": True}),
         ("lowrank_dq", L.lowrank_bwd_dq_kernel, lr_ptr, "dq", TL, {"R": 3, "NEED_DA": True}),
         ("pathsum_fwd", P.pathsum_fwd_kernel, ps_ptr, "fwd", TP, {"PP": 16}),
-        ("pathsum_dq", P.pathsum_bwd_dq_kernel, ps_ptr, "dq", TP, {"PP": 16, "NEED_DALPHA": False,
-                                                                   "TB": TP.CONFIGS["dkdv"][D][1]}),
+        (
+            "pathsum_dq",
+            P.pathsum_bwd_dq_kernel,
+            ps_ptr,
+            "dq",
+            TP,
+            {"PP": 16, "NEED_DALPHA": False, "TB": TP.CONFIGS["dkdv"][D][1]},
+        ),
         ("pathsum_dkdv", P.pathsum_bwd_dkdv_kernel, ps_ptr, "dkdv", TP, {"PP": 16}),
     ]:
         if args.only and name not in args.only.split(","):

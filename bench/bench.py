@@ -17,6 +17,7 @@ Tokens/s = tokens per optimizer step / median step interval (CUDA events between
 starts, so the optimizer, Lightning and data loading are all inside). MFU uses flops_per_token from
 `models.inspect.describe` and 989 TFLOP/s (H100/H200 dense bf16).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,17 @@ PEAK = 989e12
 ATTN_PATTERNS = [  # (label, regex over CUDA kernel names)
     ("cudnn", r"cudnn.*(sdpa|fmha|flash|fprop|bprop)|sdpa.*cudnn|fort_native_sdpa"),
     ("flash", r"flash_(fwd|bwd)|pytorch_flash|flash::"),
-    ("mem_efficient", r"fmha_cutlass|efficient_attention|mem_eff|attention_kernel_batched|AttentionKernel|AttentionBackwardKernel"),
+    (
+        "mem_efficient",
+        r"fmha_cutlass|efficient_attention|mem_eff|attention_kernel_batched|AttentionKernel|AttentionBackwardKernel",
+    ),
     ("triton_pelab", r"lowrank_|pathsum_|bwd_delta_kernel"),
     ("flex", r"flex_attention|flex_decoding|triton_tem_fused_flex"),
 ]
 
 
 # ---- config without Hydra --------------------------------------------------------------------------
+
 
 def _yaml(path: Path) -> dict:
     import yaml
@@ -58,7 +63,7 @@ def _yaml(path: Path) -> dict:
 
 
 def model_config(model: str, pe: str, backend: str, seq_len: int, vocab: int = 50257):
-    from models.config import GPTConfig
+    from pelab.models.config import GPTConfig
 
     m = _yaml(ROOT / "conf" / "model" / f"{model}.yaml")
     m = {k: v for k, v in m.items() if k in GPTConfig.__dataclass_fields__}
@@ -75,10 +80,10 @@ def optim_config() -> dict:
 
 # ---- data: the framework's sampler over a synthetic shard --------------------------------------------
 
+
 def write_synthetic_shard(folder: Path, n_tokens: int, vocab: int = 50257, seed: int = 0) -> Path:
     import numpy as np
-
-    from data.shards import write_shard
+    from pelab.data.shards import write_shard
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "bench_train_000001.bin"
@@ -90,9 +95,8 @@ def write_synthetic_shard(folder: Path, n_tokens: int, vocab: int = 50257, seed:
 
 def make_loader(shard: Path, seq_len: int, micro_batch: int, accum: int, workers: int):
     import torch
+    from pelab.data.sampler import TrainWindows, seq_ids_for
     from torch.utils.data import DataLoader, IterableDataset
-
-    from data.sampler import TrainWindows, seq_ids_for
 
     windows = TrainWindows([str(shard)], seq_len, seed=0)
 
@@ -108,19 +112,24 @@ def make_loader(shard: Path, seq_len: int, micro_batch: int, accum: int, workers
                 yield torch.stack([torch.from_numpy(windows.windows(step, i)) for i in ids])
                 step += n
 
-    return DataLoader(Steps(), batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0)
+    return DataLoader(
+        Steps(),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
 
 
 # ---- one cell (runs in its own process) -------------------------------------------------------------
 
+
 def run_cell(spec: dict) -> dict:
     import lightning as L
     import torch
-
-    from models.inspect import describe
-    from models.kernels import kernels_used
-    from train.module import LMModule
+    from pelab.models.inspect import describe
+    from pelab.models.kernels import kernels_used
+    from pelab.train.module import LMModule
 
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
@@ -132,17 +141,33 @@ def run_cell(spec: dict) -> dict:
     tokens_per_step = mb * T * accum
     warm, steps = spec["warmup"], spec["steps"]
     total = warm + steps + 2  # + sync-check step + profiled step
-    module = LMModule(cfg, optim_config(), max_steps=total + 1, tokens_per_step=tokens_per_step,
-                      flops_per_token=cell["flops_per_token"], compile=cuda and spec["compile"], log_every=10 ** 9)
+    module = LMModule(
+        cfg,
+        optim_config(),
+        max_steps=total + 1,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=cell["flops_per_token"],
+        compile=cuda and spec["compile"],
+        log_every=10**9,
+    )
     if cuda and spec["backend"] in ("auto", "flex"):
-        from models.kernels import flex
+        from pelab.models.kernels import flex
 
         flex.causal_block_mask(T, torch.device("cuda"))  # built once, read by the compiled blocks
     timer = StepTimer(warm, steps, cuda)
-    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-                        max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
     loader = make_loader(Path(spec["shard"]), T, mb, accum, spec["workers"])
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
@@ -150,16 +175,26 @@ def run_cell(spec: dict) -> dict:
     res = timer.results()
     step_ms = res["step_ms"]
     out = dict(spec)
-    out.update({
-        "params": cell["total_params"], "flops_per_token": cell["flops_per_token"], "tokens_per_step": tokens_per_step,
-        "step_ms": step_ms, "gpu_step_ms": res["gpu_step_ms"], "step_ms_all": res["step_ms_all"],
-        "tokens_per_s": tokens_per_step / (step_ms / 1e3),
-        "mfu": tokens_per_step / (step_ms / 1e3) * cell["flops_per_token"] / PEAK,
-        "peak_alloc_gib": res["peak_alloc_gib"], "peak_reserved_gib": res["peak_reserved_gib"],
-        "warmup_s": res["warmup_s"], "wall_s": wall, "host_gap_ms": res["host_gap_ms"],
-        "host_syncs_in_step": res["syncs"], "sync_examples": res["sync_examples"],
-        "kernels_used": kernels_used(),
-    })
+    out.update(
+        {
+            "params": cell["total_params"],
+            "flops_per_token": cell["flops_per_token"],
+            "tokens_per_step": tokens_per_step,
+            "step_ms": step_ms,
+            "gpu_step_ms": res["gpu_step_ms"],
+            "step_ms_all": res["step_ms_all"],
+            "tokens_per_s": tokens_per_step / (step_ms / 1e3),
+            "mfu": tokens_per_step / (step_ms / 1e3) * cell["flops_per_token"] / PEAK,
+            "peak_alloc_gib": res["peak_alloc_gib"],
+            "peak_reserved_gib": res["peak_reserved_gib"],
+            "warmup_s": res["warmup_s"],
+            "wall_s": wall,
+            "host_gap_ms": res["host_gap_ms"],
+            "host_syncs_in_step": res["syncs"],
+            "sync_examples": res["sync_examples"],
+            "kernels_used": kernels_used(),
+        }
+    )
     try:
         from torch._dynamo.utils import counters
 
@@ -171,7 +206,9 @@ def run_cell(spec: dict) -> dict:
     out.update(res["profile"])
     if cuda and spec.get("isolated", True):
         try:
-            out.update(_isolated_timings(module.model, cfg, mb, T, spec["backend"], accum, step_ms, spec.get("ce", True)))
+            out.update(
+                _isolated_timings(module.model, cfg, mb, T, spec["backend"], accum, step_ms, spec.get("ce", True))
+            )
         except Exception as e:  # noqa: BLE001  (never lose the training numbers)
             out["isolated_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return out
@@ -207,7 +244,7 @@ def StepTimer(warm: int, steps: int, cuda: bool):  # noqa: N802  (Lightning call
                 self.warmup_s = time.perf_counter() - self.t_first
             if i == warm + steps and cuda:  # sync-check step (not timed)
                 torch.cuda.synchronize()
-                self.peak = (torch.cuda.max_memory_allocated() / 2 ** 30, torch.cuda.max_memory_reserved() / 2 ** 30)
+                self.peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
                 self._wctx = warnings.catch_warnings(record=True)
                 self._wlist = self._wctx.__enter__()
                 warnings.simplefilter("always")
@@ -249,11 +286,19 @@ def StepTimer(warm: int, steps: int, cuda: bool):  # noqa: N802  (Lightning call
             med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
             peak = self.peak
             if peak[0] is None and cuda:
-                peak = (torch.cuda.max_memory_allocated() / 2 ** 30, torch.cuda.max_memory_reserved() / 2 ** 30)
-            return {"step_ms": med(iv), "step_ms_all": [round(x, 2) for x in iv], "gpu_step_ms": med(gpu),
-                    "host_gap_ms": med(gaps), "peak_alloc_gib": peak[0], "peak_reserved_gib": peak[1],
-                    "warmup_s": self.warmup_s, "syncs": self.syncs, "sync_examples": self.sync_examples,
-                    "profile": _profile_summary(self.prof, getattr(self, "prof_wall_ms", None)) if self.prof else {}}
+                peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
+            return {
+                "step_ms": med(iv),
+                "step_ms_all": [round(x, 2) for x in iv],
+                "gpu_step_ms": med(gpu),
+                "host_gap_ms": med(gaps),
+                "peak_alloc_gib": peak[0],
+                "peak_reserved_gib": peak[1],
+                "warmup_s": self.warmup_s,
+                "syncs": self.syncs,
+                "sync_examples": self.sync_examples,
+                "profile": _profile_summary(self.prof, getattr(self, "prof_wall_ms", None)) if self.prof else {},
+            }
 
     return _Timer()
 
@@ -279,9 +324,14 @@ def _profile_summary(prof, wall_ms) -> dict:
                 break
     attn = sum(by_label.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
-    return {"prof_kernel_ms": total, "prof_wall_ms": wall_ms, "attn_kernel_ms": attn,
-            "attn_share": attn / total if total else None, "attn_by_kernel": by_label,
-            "top_kernels": [(n[:90], round(ms, 2)) for n, ms in top]}
+    return {
+        "prof_kernel_ms": total,
+        "prof_wall_ms": wall_ms,
+        "attn_kernel_ms": attn,
+        "attn_share": attn / total if total else None,
+        "attn_by_kernel": by_label,
+        "top_kernels": [(n[:90], round(ms, 2)) for n, ms in top],
+    }
 
 
 def _time_ms(fn, reps: int = 5) -> float:
@@ -304,10 +354,9 @@ def _isolated_timings(model, cfg, mb: int, T: int, backend: str, accum: int, ste
     """One layer's attention call (fwd+bwd, the inputs its PE really produces) x n_layer, and the fused
     LM-head cross-entropy (fwd+bwd) per micro-batch; shares of the step."""
     import torch
-
-    from models.kernels import attend, select_kernel
-    from models.kernels.bias import LowRankBias, PathSumBias
-    from models.loss import linear_cross_entropy
+    from pelab.models.kernels import attend, select_kernel
+    from pelab.models.kernels.bias import LowRankBias, PathSumBias
+    from pelab.models.loss import linear_cross_entropy
 
     out = {}
     dev = torch.device("cuda")
@@ -339,11 +388,16 @@ def _isolated_timings(model, cfg, mb: int, T: int, backend: str, accum: int, ste
 
     try:
         ms = _time_ms(fb)
-        out.update({"attn_isolated_kernel": name, "attn_layer_fb_ms": ms,
-                    "attn_isolated_share": ms * cfg.n_layer * accum / step_ms})
+        out.update(
+            {
+                "attn_isolated_kernel": name,
+                "attn_layer_fb_ms": ms,
+                "attn_isolated_share": ms * cfg.n_layer * accum / step_ms,
+            }
+        )
     except Exception as e:  # noqa: BLE001
         out["attn_isolated_error"] = f"{type(e).__name__}: {e}"[:300]
-    del q, k, v, bias, leaves, do
+    q = k = v = bias = leaves = do = None  # free the timing inputs before the next measurement
     torch.cuda.empty_cache()
     if not ce:
         return out
@@ -367,13 +421,13 @@ def _isolated_timings(model, cfg, mb: int, T: int, backend: str, accum: int, ste
 
 # ---- kernel micro-benchmark ---------------------------------------------------------------------------
 
+
 def micro(args) -> list[dict]:
     """fwd+bwd of one attention call at the training shape for every bias kind and backend."""
     import torch
+    from pelab.models.kernels import attend, triton_lowrank, triton_pathsum
+    from pelab.models.kernels.testing import leaf_bias
     from triton.testing import do_bench
-
-    from models.kernels import attend, triton_lowrank, triton_pathsum
-    from models.kernels.testing import leaf_bias
 
     dev = torch.device("cuda")
     B, T, H, D = args.micro_batch, args.seq_len, args.heads, args.head_dim
@@ -381,8 +435,9 @@ def micro(args) -> list[dict]:
     rows = []
 
     def bench(kind, backend, Bx, note=""):
-        q, k, v = (torch.randn(Bx, T, H, D, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(Bx, T, H, D, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_() for _ in range(3)
+        )
         bias, leaves = (None, []) if kind == "causal" else leaf_bias(kind, Bx, H, T, dev, g)
         do = torch.randn_like(q)
         ins = [q, k, v] + leaves
@@ -402,7 +457,13 @@ def micro(args) -> list[dict]:
             ms_f = do_bench(fwd, warmup=25, rep=100, return_mode="median") * B / Bx
             row = {"kind": kind, "backend": backend, "B": B, "fwd_ms": ms_f, "fwd_bwd_ms": ms_fb, "note": note}
         except Exception as e:  # noqa: BLE001
-            row = {"kind": kind, "backend": backend, "B": B, "error": f"{type(e).__name__}: {str(e)[:200]}", "note": note}
+            row = {
+                "kind": kind,
+                "backend": backend,
+                "B": B,
+                "error": f"{type(e).__name__}: {str(e)[:200]}",
+                "note": note,
+            }
         torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -449,10 +510,9 @@ def ap_debug(args) -> list[dict]:
     variant whose outputs are all finite and within 5x bf16 error to --ap-best (JSON for
     PELAB_TRITON_CONFIGS)."""
     import torch
+    from pelab.models.kernels import attend, triton_pathsum
+    from pelab.models.kernels.testing import leaf_bias, realistic_biases
     from triton.testing import do_bench
-
-    from models.kernels import attend, triton_pathsum
-    from models.kernels.testing import leaf_bias, realistic_biases
 
     dev = torch.device("cuda")
     D = args.head_dim
@@ -481,8 +541,10 @@ def ap_debug(args) -> list[dict]:
             torch.cuda.empty_cache()
             Bx = args.micro_batch
             bias, leaves = leaf_bias("grape_ap", Bx, args.heads, T, dev, g)
-            q, k, v = (torch.randn(Bx, T, args.heads, D, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
-                       for _ in range(3))
+            q, k, v = (
+                torch.randn(Bx, T, args.heads, D, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
+                for _ in range(3)
+            )
             do = torch.randn_like(q)
 
             def fb():
@@ -513,8 +575,7 @@ def micro_ce(args) -> list[dict]:
     """fwd+bwd of the LM head + cross-entropy at (micro_batch * seq_len) rows: the trainer's fused
     chunked path (models.loss, chunk 8192) vs plain full logits (chunk 0); losses and gradients compared."""
     import torch
-
-    from models.loss import linear_cross_entropy
+    from pelab.models.loss import linear_cross_entropy
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -524,19 +585,26 @@ def micro_ce(args) -> list[dict]:
     t = torch.randint(0, 50257, (n,), device=dev, generator=g)
     rows, grads = [], {}
     for name, chunk in (("plain", 0), ("fused", 8192)):
+
         def step():
             h.grad = w.grad = None
             loss, _, _ = linear_cross_entropy(h, w, t, chunk)
             loss.backward()
             return loss
+
         try:
             loss = step()
             grads[name] = (loss.item(), h.grad.float().clone(), w.grad.float().clone())
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
             ms = _time_ms(step, reps=5)
-            row = {"ce": name, "rows": n, "fwd_bwd_ms": ms, "extra_peak_gib": (torch.cuda.max_memory_allocated() - base_mem) / 2 ** 30,
-                   "loss": grads[name][0]}
+            row = {
+                "ce": name,
+                "rows": n,
+                "fwd_bwd_ms": ms,
+                "extra_peak_gib": (torch.cuda.max_memory_allocated() - base_mem) / 2**30,
+                "loss": grads[name][0],
+            }
         except Exception as e:  # noqa: BLE001
             row = {"ce": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(row)
@@ -544,7 +612,10 @@ def micro_ce(args) -> list[dict]:
     if len(grads) == 2:
         a, b = grads["plain"], grads["fused"]
         rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
-        print(json.dumps({"loss_diff": abs(a[0] - b[0]), "dh_rel": rel(b[1], a[1]), "dw_rel": rel(b[2], a[2])}), flush=True)
+        print(
+            json.dumps({"loss_diff": abs(a[0] - b[0]), "dh_rel": rel(b[1], a[1]), "dw_rel": rel(b[2], a[2])}),
+            flush=True,
+        )
     return rows
 
 
@@ -562,15 +633,21 @@ PATHSUM_SWEEP = {
 
 # ---- driver -------------------------------------------------------------------------------------------
 
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
 def table(rows: list[dict]) -> str:
-    ref = {(r["model"], r["seq_len"]): r for r in rows if r.get("pe") == "rope" and r.get("backend") == "auto"
-           and "tokens_per_s" in r}
-    hdr = (f"{'model':<9} {'pe':<11} {'backend':<15} {'mb':>3} {'tok/s':>9} {'MFU':>6} {'step ms':>8} {'peak GiB':>8} "
-           f"{'attn%':>6} {'CE%':>5} {'x tok/s':>7} {'x mem':>6} {'syncs':>5}  kernel")
+    ref = {
+        (r["model"], r["seq_len"]): r
+        for r in rows
+        if r.get("pe") == "rope" and r.get("backend") == "auto" and "tokens_per_s" in r
+    }
+    hdr = (
+        f"{'model':<9} {'pe':<11} {'backend':<15} {'mb':>3} {'tok/s':>9} {'MFU':>6} {'step ms':>8} {'peak GiB':>8} "
+        f"{'attn%':>6} {'CE%':>5} {'x tok/s':>7} {'x mem':>6} {'syncs':>5}  kernel"
+    )
     lines = [hdr, "-" * len(hdr)]
     ce_ms = {(r["model"], r["micro_batch"], r["seq_len"]): r["ce_fb_ms"] for r in rows if "ce_fb_ms" in r}
     for r in rows:
@@ -578,27 +655,39 @@ def table(rows: list[dict]) -> str:
         if ce is not None and "step_ms" in r and r.get("step_ms"):
             r["ce_share"] = ce * r.get("accum", 1) / r["step_ms"]
         if "tokens_per_s" not in r:
-            lines.append(f"{r['model']:<9} {r['pe']:<11} {r['backend']:<15} {r['micro_batch']:>3}  FAILED: "
-                         f"{r.get('error', '?')[:100]}")
+            lines.append(
+                f"{r['model']:<9} {r['pe']:<11} {r['backend']:<15} {r['micro_batch']:>3}  FAILED: "
+                f"{r.get('error', '?')[:100]}"
+            )
             continue
         base = ref.get((r["model"], r["seq_len"]))
         xt = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         xm = r["peak_alloc_gib"] / base["peak_alloc_gib"] if base and r.get("peak_alloc_gib") else None
         share = r.get("attn_share") if r.get("attn_share") else r.get("attn_isolated_share")
         kern = ",".join(sorted(set(r.get("kernels_used", {}).values()))) or r.get("attn_isolated_kernel", "?")
-        lines.append(f"{r['model']:<9} {r['pe']:<11} {r['backend']:<15} {r['micro_batch']:>3} {r['tokens_per_s']:>9,.0f} "
-                     f"{100 * r['mfu']:>5.1f}% {r['step_ms']:>8.1f} {_fmt(r.get('peak_alloc_gib'), '8.1f')} "
-                     f"{_fmt(None if share is None else 100 * share, '5.1f')}% "
-                     f"{_fmt(None if r.get('ce_share') is None else 100 * r['ce_share'], '4.1f')}% "
-                     f"{_fmt(xt, '7.3f')} {_fmt(xm, '6.2f')} {_fmt(r.get('host_syncs_in_step'), '5d')}  {kern}")
+        lines.append(
+            f"{r['model']:<9} {r['pe']:<11} {r['backend']:<15} {r['micro_batch']:>3} {r['tokens_per_s']:>9,.0f} "
+            f"{100 * r['mfu']:>5.1f}% {r['step_ms']:>8.1f} {_fmt(r.get('peak_alloc_gib'), '8.1f')} "
+            f"{_fmt(None if share is None else 100 * share, '5.1f')}% "
+            f"{_fmt(None if r.get('ce_share') is None else 100 * r['ce_share'], '4.1f')}% "
+            f"{_fmt(xt, '7.3f')} {_fmt(xm, '6.2f')} {_fmt(r.get('host_syncs_in_step'), '5d')}  {kern}"
+        )
     dense = [r for r in rows if r.get("backend") == "sdpa_dense_bias" and "tokens_per_s" in r]
     for d in dense:
-        ours = next((r for r in rows if r["pe"] == d["pe"] and r["backend"] == "auto" and r["model"] == d["model"]
-                     and "tokens_per_s" in r), None)
+        ours = next(
+            (
+                r
+                for r in rows
+                if r["pe"] == d["pe"] and r["backend"] == "auto" and r["model"] == d["model"] and "tokens_per_s" in r
+            ),
+            None,
+        )
         if ours:
-            lines.append(f"speed-up vs the official dense-bias approach ({d['pe']}, mb {d['micro_batch']} vs "
-                         f"{ours['micro_batch']}): {ours['tokens_per_s'] / d['tokens_per_s']:.2f}x tokens/s, "
-                         f"peak memory {_fmt(d.get('peak_alloc_gib'), '.1f')} vs {_fmt(ours.get('peak_alloc_gib'), '.1f')} GiB")
+            lines.append(
+                f"speed-up vs the official dense-bias approach ({d['pe']}, mb {d['micro_batch']} vs "
+                f"{ours['micro_batch']}): {ours['tokens_per_s'] / d['tokens_per_s']:.2f}x tokens/s, "
+                f"peak memory {_fmt(d.get('peak_alloc_gib'), '.1f')} vs {_fmt(ours.get('peak_alloc_gib'), '.1f')} GiB"
+            )
     return "\n".join(lines)
 
 
@@ -610,8 +699,11 @@ def main(argv=None) -> None:
     ap.add_argument("--micro-batch", type=int, default=20)
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--backend", default="auto", help="attention backend for every cell (auto: the registry's choice)")
-    ap.add_argument("--dense-ref", default="", help="PE:micro_batch list run with backend sdpa_dense_bias, "
-                                                    "e.g. alibi:20,grape_a_qk:4,grape_ap:1")
+    ap.add_argument(
+        "--dense-ref",
+        default="",
+        help="PE:micro_batch list run with backend sdpa_dense_bias, e.g. alibi:20,grape_a_qk:4,grape_ap:1",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
@@ -626,7 +718,9 @@ def main(argv=None) -> None:
     ap.add_argument("--micro-flex", type=int, default=1, help="with --micro: also time flex (0/1)")
     ap.add_argument("--micro-log", default="", help="with --micro: append each row to this JSON-lines file")
     ap.add_argument("--micro-ce", action="store_true", help="time the fused LM-head cross-entropy variants")
-    ap.add_argument("--ap-debug", action="store_true", help="GRAPE-AP kernel launch-config variants: NaN/accuracy + time")
+    ap.add_argument(
+        "--ap-debug", action="store_true", help="GRAPE-AP kernel launch-config variants: NaN/accuracy + time"
+    )
     ap.add_argument("--ap-best", default="", help="with --ap-debug: write the best valid config here")
     ap.add_argument("--sweep", action="store_true", help="with --micro: sweep the triton launch configs")
     ap.add_argument("--heads", type=int, default=8)
@@ -666,8 +760,11 @@ def main(argv=None) -> None:
         out.write_text(json.dumps(rows, indent=1))
         print(f"\n{'kind':<11} {'backend':<16} {'fwd ms':>8} {'fwd+bwd ms':>11} {'x cudnn':>8}  note")
         for r in rows:
-            print(f"{r['kind']:<11} {r['backend']:<16} {_fmt(r.get('fwd_ms'), '8.3f')} {_fmt(r.get('fwd_bwd_ms'), '11.3f')} "
-                  f"{_fmt(r.get('x_cudnn'), '8.2f')}  {r.get('note', '')} {r.get('error', '')}")
+            print(
+                f"{r['kind']:<11} {r['backend']:<16} {_fmt(r.get('fwd_ms'), '8.3f')} "
+                f"{_fmt(r.get('fwd_bwd_ms'), '11.3f')} "
+                f"{_fmt(r.get('x_cudnn'), '8.2f')}  {r.get('note', '')} {r.get('error', '')}"
+            )
         return
 
     rows = json.loads(Path(args.previous).read_text()) if args.previous else []
@@ -689,17 +786,36 @@ def main(argv=None) -> None:
     for model, pe, backend, mb in cells:
         if (model, pe, backend, mb) in done:
             continue
-        spec = {"model": model, "pe": pe, "backend": backend, "micro_batch": mb, "seq_len": args.seq_len,
-                "accum": args.accum, "warmup": args.warmup, "steps": args.steps, "workers": args.workers,
-                "compile": not args.no_compile, "shard": str(shard), "result": str(tmp / f"{model}-{pe}-{backend}-{mb}.json"),
-                "ce": not any("ce_fb_ms" in r for r in rows), "isolated": not args.no_isolated}
+        spec = {
+            "model": model,
+            "pe": pe,
+            "backend": backend,
+            "micro_batch": mb,
+            "seq_len": args.seq_len,
+            "accum": args.accum,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "workers": args.workers,
+            "compile": not args.no_compile,
+            "shard": str(shard),
+            "result": str(tmp / f"{model}-{pe}-{backend}-{mb}.json"),
+            "ce": not any("ce_fb_ms" in r for r in rows),
+            "isolated": not args.no_isolated,
+        }
         t0 = time.time()
         log = open(out.parent / "cells_detail.log", "a")
         log.write(f"\n===== {model} {pe} {backend} mb{mb} =====\n")
         log.flush()
         try:
-            subprocess.run([sys.executable, "-m", "bench.bench", "--cell", json.dumps(spec)], cwd=ROOT, env=env,
-                           stdout=log, stderr=subprocess.STDOUT, timeout=args.cell_timeout, check=False)
+            subprocess.run(
+                [sys.executable, "-m", "bench.bench", "--cell", json.dumps(spec)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=args.cell_timeout,
+                check=False,
+            )
             res = json.loads(Path(spec["result"]).read_text())
         except subprocess.TimeoutExpired:
             res = dict(spec, error=f"timed out after {args.cell_timeout}s")
@@ -709,8 +825,23 @@ def main(argv=None) -> None:
         res["cell_wall_s"] = time.time() - t0
         rows.append(res)
         out.write_text(json.dumps(rows, indent=1, default=str))
-        brief = {k: res.get(k) for k in ("model", "pe", "backend", "micro_batch", "tokens_per_s", "mfu", "step_ms",
-                                         "peak_alloc_gib", "attn_share", "kernels_used", "error", "cell_wall_s")}
+        brief = {
+            k: res.get(k)
+            for k in (
+                "model",
+                "pe",
+                "backend",
+                "micro_batch",
+                "tokens_per_s",
+                "mfu",
+                "step_ms",
+                "peak_alloc_gib",
+                "attn_share",
+                "kernels_used",
+                "error",
+                "cell_wall_s",
+            )
+        }
         print(json.dumps(brief, default=str), flush=True)
     print()
     print(table(rows))

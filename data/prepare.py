@@ -29,11 +29,18 @@ from urllib.parse import urlparse
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from pelab.data.shards import (
+    MANIFEST,
+    ShardError,
+    atomic_write,
+    load_manifest,
+    shard_name,
+    token_dtype,
+    write_manifest,
+    write_shard,
+)
+from pelab.data.tokenizer import Tokenizer, tokenizer_from_cfg
 from tqdm import tqdm
-
-from data.shards import (MANIFEST, ShardError, atomic_write, load_manifest, shard_name, token_dtype, write_manifest,
-                         write_shard)
-from data.tokenizer import Tokenizer, tokenizer_from_cfg
 
 STATE = "prepare_state.json"
 HUB_TIMEOUT_S = 5.0
@@ -59,8 +66,16 @@ class ResumeState:
 class ShardPacker:
     """Concatenate documents into fixed-size shards and save a resume point after each one."""
 
-    def __init__(self, out_dir: Path, prefix: str, dtype, shard_tokens: int, val_shard_tokens: int,
-                 start: ResumeState, settings: dict):
+    def __init__(
+        self,
+        out_dir: Path,
+        prefix: str,
+        dtype,
+        shard_tokens: int,
+        val_shard_tokens: int,
+        start: ResumeState,
+        settings: dict,
+    ):
         self.out_dir, self.prefix, self.settings = out_dir, prefix, settings
         self.sizes = (val_shard_tokens, shard_tokens)
         self.docs_done = start.docs_done
@@ -80,7 +95,7 @@ class ShardPacker:
         pos = 0
         while pos < len(tokens):
             take = min(len(self.buf) - self.fill, len(tokens) - pos)
-            self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            self.buf[self.fill : self.fill + take] = tokens[pos : pos + take]
             self.fill += take
             pos += take
             if self.fill == len(self.buf):
@@ -94,7 +109,9 @@ class ShardPacker:
             self._flush(ResumeState(self.docs_done, self.next_shard + 1, 0))
 
     def _flush(self, resume_point: ResumeState) -> None:
-        write_shard(self.out_dir / shard_name(self.prefix, self.next_shard), self.buf[:self.fill], dtype=self.buf.dtype)
+        write_shard(
+            self.out_dir / shard_name(self.prefix, self.next_shard), self.buf[: self.fill], dtype=self.buf.dtype
+        )
         _write_json(self.out_dir / STATE, {"settings": self.settings, **asdict(resume_point)})
         self.next_shard += 1
         self.shards_written += 1
@@ -102,9 +119,19 @@ class ShardPacker:
         self.fill = 0
 
 
-def write_shards(texts: Iterable[str], out_dir: str | os.PathLike, tokenizer: Tokenizer, *, prefix: str,
-                 shard_tokens: int, val_shard_tokens: int | None = None, num_proc: int = 1, settings: dict,
-                 total_docs: int | None = None, stop_after_shards: int | None = None) -> dict | None:
+def write_shards(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    prefix: str,
+    shard_tokens: int,
+    val_shard_tokens: int | None = None,
+    num_proc: int = 1,
+    settings: dict,
+    total_docs: int | None = None,
+    stop_after_shards: int | None = None,
+) -> dict | None:
     """Tokenise `texts` into shards in `out_dir`, resuming a previous run with the same settings.
 
     `settings` (JSON-able) identifies the run: a state file or manifest made with other settings
@@ -112,9 +139,13 @@ def write_shards(texts: Iterable[str], out_dir: str | os.PathLike, tokenizer: To
     shards were written by this call and returns None; otherwise the manifest is returned.
     """
     out_dir = Path(out_dir)
-    settings = {**settings, "prefix": prefix, "shard_tokens": shard_tokens,
-                "val_shard_tokens": val_shard_tokens or shard_tokens,
-                "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}}
+    settings = {
+        **settings,
+        "prefix": prefix,
+        "shard_tokens": shard_tokens,
+        "val_shard_tokens": val_shard_tokens or shard_tokens,
+        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
+    }
     settings = json.loads(json.dumps(settings))  # compare like with like after a JSON round trip
     start = _start_or_resume(out_dir, settings)
     if start is None:
@@ -129,10 +160,13 @@ def write_shards(texts: Iterable[str], out_dir: str | os.PathLike, tokenizer: To
                 return None
         packer.finish()
     if packer.next_shard < 2:
-        raise ValueError(f"{out_dir}: the data fills only the val shard ({settings['val_shard_tokens']} tokens), "
-                         "so there is no train shard. Lower data.shard_tokens or use more documents.")
-    manifest = write_manifest(out_dir, tokenizer, num_docs=packer.docs_done, source=settings["source"],
-                              settings=settings)
+        raise ValueError(
+            f"{out_dir}: the data fills only the val shard ({settings['val_shard_tokens']} tokens), "
+            "so there is no train shard. Lower data.shard_tokens or use more documents."
+        )
+    manifest = write_manifest(
+        out_dir, tokenizer, num_docs=packer.docs_done, source=settings["source"], settings=settings
+    )
     (out_dir / STATE).unlink()
     return manifest
 
@@ -157,8 +191,10 @@ def _start_or_resume(out_dir: Path, settings: dict) -> ResumeState | None:
 
 def _check_same_settings(path: Path, saved: dict | None, settings: dict) -> None:
     if saved != settings:
-        raise ShardError(f"{path} was made with other settings:\n  saved: {saved}\n  now:   {settings}\n"
-                         f"Delete {path.parent} to rebuild it, or choose another data.dir.")
+        raise ShardError(
+            f"{path} was made with other settings:\n  saved: {saved}\n  now:   {settings}\n"
+            f"Delete {path.parent} to rebuild it, or choose another data.dir."
+        )
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -207,15 +243,23 @@ def load_texts(data_cfg) -> tuple[Iterable[str], dict]:
         builder = _local_builder(files)
         for f in files:
             _check_text_column(f, builder)
-        ds = load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                          streaming=bool(data_cfg.get("streaming", True)))
+        ds = load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", streaming=bool(data_cfg.get("streaming", True))
+        )
         source = {"local_files": [str(f) for f in files]}
     else:
         check_hub_reachable(data_cfg.hf_repo, data_cfg.name)
-        ds = load_dataset(data_cfg.hf_repo, name=data_cfg.get("subset"), split=data_cfg.get("split", "train"),
-                          streaming=bool(data_cfg.get("streaming", True)))
-        source = {"hf_repo": data_cfg.hf_repo, "subset": data_cfg.get("subset"),
-                  "split": data_cfg.get("split", "train")}
+        ds = load_dataset(
+            data_cfg.hf_repo,
+            name=data_cfg.get("subset"),
+            split=data_cfg.get("split", "train"),
+            streaming=bool(data_cfg.get("streaming", True)),
+        )
+        source = {
+            "hf_repo": data_cfg.hf_repo,
+            "subset": data_cfg.get("subset"),
+            "split": data_cfg.get("split", "train"),
+        }
     if data_cfg.get("max_docs"):
         ds = ds.take(int(data_cfg.max_docs))
         source["max_docs"] = int(data_cfg.max_docs)
@@ -258,9 +302,11 @@ def _check_text_column(path: Path, builder: str) -> None:
             first = next((line for line in f if line.strip()), "{}")
         columns = list(json.loads(first))
     if "text" not in columns:
-        raise ValueError(f"{path} has no `text` column (columns found: {', '.join(columns) or 'none'}). "
-                         "data.local_files needs parquet or jsonl files with the document text in `text`, "
-                         "like FineWeb-Edu's.")
+        raise ValueError(
+            f"{path} has no `text` column (columns found: {', '.join(columns) or 'none'}). "
+            "data.local_files needs parquet or jsonl files with the document text in `text`, "
+            "like FineWeb-Edu's."
+        )
 
 
 def check_hub_reachable(repo: str, data_name: str, timeout: float = HUB_TIMEOUT_S) -> None:
@@ -270,18 +316,22 @@ def check_hub_reachable(repo: str, data_name: str, timeout: float = HUB_TIMEOUT_
     """
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    fix = ("To prepare from local files instead, download the dataset's parquet files elsewhere and run "
-           f"`python -m data.prepare data={data_name} data.local_files='/path/*.parquet'` "
-           "(parquet or jsonl files with a `text` column).")
+    fix = (
+        "To prepare from local files instead, download the dataset's parquet files elsewhere and run "
+        f"`python -m data.prepare data={data_name} data.local_files='/path/*.parquet'` "
+        "(parquet or jsonl files with a `text` column)."
+    )
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE"):
-            raise HubUnreachableError(f"The Hugging Face hub is unreachable: {var} is set, so {repo} cannot be "
-                                      f"downloaded. {fix}")
+            raise HubUnreachableError(
+                f"The Hugging Face hub is unreachable: {var} is set, so {repo} cannot be downloaded. {fix}"
+            )
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        raise HubUnreachableError(f"The Hugging Face hub is unreachable ({host}:{port}: {e}), so {repo} cannot be "
-                                  f"downloaded. {fix}") from None
+        raise HubUnreachableError(
+            f"The Hugging Face hub is unreachable ({host}:{port}: {e}), so {repo} cannot be downloaded. {fix}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- entry points
@@ -296,21 +346,28 @@ def prepare(data_cfg, stop_after_shards: int | None = None) -> Path:
     """Build the shards of `data_cfg` (the `data` config node) into `data_cfg.dir`."""
     data_cfg = as_config(data_cfg)
     if data_cfg.name == "sample":
-        from data.sample import ensure_prepared
+        from pelab.data.sample import ensure_prepared
 
         return ensure_prepared(data_cfg)
     tokenizer = tokenizer_from_cfg(data_cfg.tokenizer)
     texts, source = load_texts(data_cfg)
-    write_shards(texts, data_cfg.dir, tokenizer, prefix=data_cfg.get("shard_prefix", data_cfg.name),
-                 shard_tokens=int(data_cfg.shard_tokens), num_proc=int(data_cfg.get("num_proc", 1)),
-                 settings={"source": source}, total_docs=data_cfg.get("max_docs"),
-                 stop_after_shards=stop_after_shards)
+    write_shards(
+        texts,
+        data_cfg.dir,
+        tokenizer,
+        prefix=data_cfg.get("shard_prefix", data_cfg.name),
+        shard_tokens=int(data_cfg.shard_tokens),
+        num_proc=int(data_cfg.get("num_proc", 1)),
+        settings={"source": source},
+        total_docs=data_cfg.get("max_docs"),
+        stop_after_shards=stop_after_shards,
+    )
     return Path(data_cfg.dir)
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data.prepare data=<name> [data.key=value ...]` (Hydra override syntax)."""
-    from train.config import compose
+    from pelab.train.config import compose
 
     cfg = compose(sys.argv[1:] if argv is None else argv)
     try:
@@ -318,11 +375,13 @@ def main(argv: list[str] | None = None) -> None:
     except (ConnectionError, FileNotFoundError, ValueError) as e:  # user-facing: the message says what to do
         raise SystemExit(f"data.prepare: {e}") from None
     manifest = load_manifest(out_dir)
-    print(f"{out_dir}: {len(manifest['shards'])} shards, {manifest['num_tokens']:,} tokens, "
-          f"{manifest['num_docs']:,} documents.")
+    print(
+        f"{out_dir}: {len(manifest['shards'])} shards, {manifest['num_tokens']:,} tokens, "
+        f"{manifest['num_docs']:,} documents."
+    )
 
 
 if __name__ == "__main__":
-    from data.prepare import main as package_main  # run the package's copy, the one other modules import
+    from pelab.data.prepare import main as package_main  # run the package's copy, the one other modules import
 
     package_main()

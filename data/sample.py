@@ -24,23 +24,47 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from data.prepare import as_config, write_shards
-from data.shards import MANIFEST, ShardError, verify_manifest
-from data.tokenizer import Tokenizer, tokenizer_from_cfg
+from pelab.data.prepare import as_config, write_shards
+from pelab.data.shards import MANIFEST, ShardError, verify_manifest
+from pelab.data.tokenizer import Tokenizer, tokenizer_from_cfg
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding the `data` package
 MIN_DOC_CHARS = 200
 VAL_FRACTION = 0.05
 SKIP_MODULES = {
-    "antigravity", "this",  # side effects on import: opens a web browser, prints the Zen of Python
-    "idlelib", "tkinter", "turtle", "turtledemo",  # GUI
-    "lib2to3", "distutils",  # lib2to3 may write grammar caches; setuptools replaces distutils
-    "test", "tests", "idle_test",  # CPython's own test suites
+    "antigravity",
+    "this",  # side effects on import: opens a web browser, prints the Zen of Python
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",  # GUI
+    "lib2to3",
+    "distutils",  # lib2to3 may write grammar caches; setuptools replaces distutils
+    "test",
+    "tests",
+    "idle_test",  # CPython's own test suites
     "encodings",  # a hundred near-identical codec docstrings
-    "readline", "rlcompleter",  # change the interactive terminal
-    "msilib", "msvcrt", "nt", "winreg", "winsound",  # Windows only
-    "posix", "pwd", "grp", "fcntl", "termios", "tty", "pty", "resource", "syslog", "spwd", "crypt", "nis",
-    "ossaudiodev", "curses",  # Unix only
+    "readline",
+    "rlcompleter",  # change the interactive terminal
+    "msilib",
+    "msvcrt",
+    "nt",
+    "winreg",
+    "winsound",  # Windows only
+    "posix",
+    "pwd",
+    "grp",
+    "fcntl",
+    "termios",
+    "tty",
+    "pty",
+    "resource",
+    "syslog",
+    "spwd",
+    "crypt",
+    "nis",
+    "ossaudiodev",
+    "curses",  # Unix only
 }
 
 
@@ -51,7 +75,9 @@ def sample_documents() -> list[str]:
     attributes such as `sys.unraisablehook`, which changes the docstrings found. A subprocess also
     keeps the ~350 stdlib imports out of the trainer.
     """
-    code = "import json, sys; from data.sample import collect_documents; json.dump(collect_documents(), sys.stdout)"
+    code = (
+        "import json, sys; from pelab.data.sample import collect_documents; json.dump(collect_documents(), sys.stdout)"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -85,8 +111,11 @@ def _wanted(name: str) -> bool:
 def _import_tree(name: str) -> list[ModuleType]:
     """A module and, for a package, its public submodules; modules that fail to import are skipped."""
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             module = importlib.import_module(name)
     except Exception:
@@ -104,8 +133,11 @@ def _docstrings(module: ModuleType) -> list[str]:
         if inspect.isclass(obj) or inspect.isroutine(obj):
             docs.append(inspect.getdoc(obj))
         if inspect.isclass(obj):
-            docs += [inspect.getdoc(member) for attr, member in sorted(vars(obj).items())
-                     if not attr.startswith("_") and (inspect.isroutine(member) or isinstance(member, property))]
+            docs += [
+                inspect.getdoc(member)
+                for attr, member in sorted(vars(obj).items())
+                if not attr.startswith("_") and (inspect.isroutine(member) or isinstance(member, property))
+            ]
     return docs
 
 
@@ -117,12 +149,21 @@ def build_sample(data_cfg) -> Path:
     docs = sample_documents()
     num_tokens = sum(1 + len(ids) for ids in tokenizer.encode_batch(docs))
     val_shard_tokens = max(round(VAL_FRACTION * num_tokens), int(data_cfg.val_tokens) + 1)
-    print(f"sample corpus: {len(docs):,} documents, {num_tokens:,} {tokenizer.name} tokens "
-          f"(val shard {val_shard_tokens:,}) -> {data_cfg.dir}")
+    print(
+        f"sample corpus: {len(docs):,} documents, {num_tokens:,} {tokenizer.name} tokens "
+        f"(val shard {val_shard_tokens:,}) -> {data_cfg.dir}"
+    )
     source = {"corpus": "pydoc_data.topics + standard-library docstrings", "python": platform.python_version()}
-    write_shards(docs, data_cfg.dir, tokenizer, prefix=data_cfg.get("shard_prefix", data_cfg.name),
-                 shard_tokens=int(data_cfg.shard_tokens),
-                 val_shard_tokens=val_shard_tokens, settings={"source": source}, total_docs=len(docs))
+    write_shards(
+        docs,
+        data_cfg.dir,
+        tokenizer,
+        prefix=data_cfg.get("shard_prefix", data_cfg.name),
+        shard_tokens=int(data_cfg.shard_tokens),
+        val_shard_tokens=val_shard_tokens,
+        settings={"source": source},
+        total_docs=len(docs),
+    )
     return Path(data_cfg.dir)
 
 
@@ -151,5 +192,7 @@ def check_tokenizer(manifest: dict, tokenizer: Tokenizer, shard_dir: Path) -> No
     made = manifest["tokenizer"]
     wanted = {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
     if made != wanted:
-        raise ShardError(f"{shard_dir} was tokenized with {made}, but the config asks for {wanted}. Prepare the data "
-                         "again with this tokenizer into another data.dir, or set data.tokenizer to match.")
+        raise ShardError(
+            f"{shard_dir} was tokenized with {made}, but the config asks for {wanted}. Prepare the data "
+            "again with this tokenizer into another data.dir, or set data.tokenizer to match."
+        )

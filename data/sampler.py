@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from data.shards import read_header, read_shard
+from pelab.data.shards import read_header, read_shard
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -62,8 +61,10 @@ class TrainWindows:
         n_tokens = np.array([read_header(p)[1] for p in self.paths], dtype=np.int64)
         n_windows = np.maximum(n_tokens - seq_len, 0)  # starts in [0, n_tokens - (seq_len + 1)]
         if n_windows.sum() == 0:
-            raise ValueError(f"No train shard holds seq_len + 1 = {seq_len + 1} tokens (largest: {n_tokens.max()}); "
-                             "lower model.seq_len or prepare more data.")
+            raise ValueError(
+                f"No train shard holds seq_len + 1 = {seq_len + 1} tokens (largest: {n_tokens.max()}); "
+                "lower model.seq_len or prepare more data."
+            )
         self.window_ends = np.cumsum(n_windows)  # global window index -> shard via searchsorted
         self._shards = None
 
@@ -90,7 +91,7 @@ class TrainWindows:
         width = self.seq_len + 1
         out = np.empty((len(shard), width), dtype=np.int64)
         for row, (i, start) in enumerate(zip(shard, offset, strict=True)):
-            out[row] = self.shards[i][start:start + width]
+            out[row] = self.shards[i][start : start + width]
         return out
 
 
@@ -110,9 +111,11 @@ class ValWindows:
         n_tokens = read_header(self.path)[1]
         needed = self.num_windows * seq_len + 1
         if n_tokens < needed:
-            raise ValueError(f"{self.path}: val_tokens={val_tokens} with seq_len={seq_len} needs {needed} tokens in "
-                             f"the val shard, which holds {n_tokens}. Lower data.val_tokens or prepare a larger "
-                             "val shard.")
+            raise ValueError(
+                f"{self.path}: val_tokens={val_tokens} with seq_len={seq_len} needs {needed} tokens in "
+                f"the val shard, which holds {n_tokens}. Lower data.val_tokens or prepare a larger "
+                "val shard."
+            )
         self._tokens = None
 
     def __getstate__(self):
@@ -125,4 +128,4 @@ class ValWindows:
         """int64 array (len(idx), seq_len + 1) of the val windows with these indices."""
         if self._tokens is None:
             self._tokens = read_shard(self.path)
-        return np.stack([self._tokens[i * self.seq_len:(i + 1) * self.seq_len + 1] for i in idx]).astype(np.int64)
+        return np.stack([self._tokens[i * self.seq_len : (i + 1) * self.seq_len + 1] for i in idx]).astype(np.int64)

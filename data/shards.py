@@ -51,8 +51,10 @@ def write_shard(path: str | os.PathLike, tokens, dtype=np.uint16) -> None:
         raise ValueError(f"Unsupported token dtype {dtype}: use uint16 (version 1) or uint32 (version 2).")
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
-        raise ValueError(f"Token id {int(tokens.max())} does not fit in {dtype.name} (max {np.iinfo(dtype).max}): "
-                         "a vocabulary over 65,536 ids needs dtype=uint32 (shard version 2).")
+        raise ValueError(
+            f"Token id {int(tokens.max())} does not fit in {dtype.name} (max {np.iinfo(dtype).max}): "
+            "a vocabulary over 65,536 ids needs dtype=uint32 (shard version 2)."
+        )
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, version, tokens.size
     atomic_write(Path(path), header, tokens.astype(dtype, copy=False))
@@ -65,21 +67,25 @@ def read_header(path: str | os.PathLike, data_name: str | None = None) -> tuple[
         raise ShardError(f"{path}: shard file not found; {prepare_hint(data_name)}.")
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ShardError(f"{path}: truncated header: expected {HEADER_BYTES} bytes got {size}; "
-                         f"{prepare_hint(data_name)}.")
+        raise ShardError(
+            f"{path}: truncated header: expected {HEADER_BYTES} bytes got {size}; {prepare_hint(data_name)}."
+        )
     with open(path, "rb") as f:
         header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
     magic, version, n_tokens = (int(x) for x in header[:3])
     if magic != MAGIC:
         raise ShardError(f"{path}: bad magic {magic} (expected {MAGIC}): not a token shard; {prepare_hint(data_name)}.")
     if version not in VERSION_DTYPES:
-        raise ShardError(f"{path}: unsupported version {version} (supported: {sorted(VERSION_DTYPES)}); "
-                         f"{prepare_hint(data_name)}.")
+        raise ShardError(
+            f"{path}: unsupported version {version} (supported: {sorted(VERSION_DTYPES)}); {prepare_hint(data_name)}."
+        )
     expected = HEADER_BYTES + n_tokens * VERSION_DTYPES[version].itemsize
     if size != expected:
         problem = "truncated" if size < expected else "trailing bytes"
-        raise ShardError(f"{path}: {problem}: expected {expected} bytes got {size} ({n_tokens} tokens in the header); "
-                         f"{prepare_hint(data_name)}.")
+        raise ShardError(
+            f"{path}: {problem}: expected {expected} bytes got {size} ({n_tokens} tokens in the header); "
+            f"{prepare_hint(data_name)}."
+        )
     if n_tokens <= 0:
         raise ShardError(f"{path}: holds no tokens; {prepare_hint(data_name)}.")
     return version, n_tokens
@@ -97,8 +103,11 @@ def find_shards(shard_dir: str | os.PathLike, data_name: str | None = None) -> t
     val = sorted(shard_dir.glob("*_val_*.bin"))
     train = sorted(shard_dir.glob("*_train_*.bin"))
     if not val or not train:
-        missing = "no such directory" if not shard_dir.is_dir() else \
-            f"{len(val)} val and {len(train)} train shards (need at least one of each)"
+        missing = (
+            "no such directory"
+            if not shard_dir.is_dir()
+            else f"{len(val)} val and {len(train)} train shards (need at least one of each)"
+        )
         raise ShardError(f"{shard_dir}: {missing}; run `python -m data.prepare data={data_name or '<name>'}`.")
     return val, train
 
@@ -118,8 +127,10 @@ def write_manifest(shard_dir: str | os.PathLike, tokenizer, num_docs: int, sourc
     """
     shard_dir = Path(shard_dir)
     val, train = find_shards(shard_dir)
-    shards = [{"name": p.name, "split": "val" if p in val else "train", "tokens": read_header(p)[1],
-               "sha256": sha256_file(p)} for p in val + train]
+    shards = [
+        {"name": p.name, "split": "val" if p in val else "train", "tokens": read_header(p)[1], "sha256": sha256_file(p)}
+        for p in val + train
+    ]
     manifest = {
         "source": source,
         "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
@@ -135,8 +146,10 @@ def write_manifest(shard_dir: str | os.PathLike, tokenizer, num_docs: int, sourc
 def load_manifest(shard_dir: str | os.PathLike, data_name: str | None = None) -> dict:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
-        raise ShardError(f"{path} not found: the shards are missing or incomplete; "
-                         f"run `python -m data.prepare data={data_name or '<name>'}`.")
+        raise ShardError(
+            f"{path} not found: the shards are missing or incomplete; "
+            f"run `python -m data.prepare data={data_name or '<name>'}`."
+        )
     return json.loads(path.read_text())
 
 
@@ -148,8 +161,9 @@ def verify_manifest(shard_dir: str | os.PathLike, data_name: str | None = None, 
         path = shard_dir / shard["name"]
         n_tokens = read_header(path, data_name)[1]
         if n_tokens != shard["tokens"]:
-            raise ShardError(f"{path}: {n_tokens} tokens but the manifest says {shard['tokens']}; "
-                             f"{prepare_hint(data_name)}.")
+            raise ShardError(
+                f"{path}: {n_tokens} tokens but the manifest says {shard['tokens']}; {prepare_hint(data_name)}."
+            )
         if hashes and sha256_file(path) != shard["sha256"]:
             raise ShardError(f"{path}: sha256 differs from the manifest; {prepare_hint(data_name)}.")
     return manifest

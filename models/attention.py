@@ -1,13 +1,13 @@
 """Causal self-attention: projections, optional KV-shift and QK-RMSNorm, the PE, one kernel call."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pelab.models.config import GPTConfig
+from pelab.models.kernels import attend
+from pelab.models.pe import AttentionShape, build_pe
 from torch import Tensor, nn
-
-from models.config import GPTConfig
-from models.kernels import attend
-from models.pe import AttentionShape, build_pe
 
 
 class RMSNorm(nn.Module):
@@ -41,8 +41,10 @@ class KVShift(nn.Module):
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
         first = None if docs is None else F.pad(docs[:, 1:] != docs[:, :-1], (1, 0))
-        return (self._shift(k, torch.sigmoid(self.k_proj(x)), first),
-                self._shift(v, torch.sigmoid(self.v_proj(x)), first))
+        return (
+            self._shift(k, torch.sigmoid(self.k_proj(x)), first),
+            self._shift(v, torch.sigmoid(self.v_proj(x)), first),
+        )
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,4 +1,5 @@
 """Backbone hyper-parameters (one dataclass; the Hydra `model` group fills it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,8 +51,10 @@ class GPTConfig:
         if self.init not in ("grape", "normal"):
             raise ValueError(f"model.init must be 'grape' or 'normal', got {self.init!r}")
         if self.document_mask and self.eot_id is None:
-            raise ValueError("model.document_mask needs model.eot_id, the end-of-text id that begins each document "
-                             "(train.config.model_config fills it from data.tokenizer)")
+            raise ValueError(
+                "model.document_mask needs model.eot_id, the end-of-text id that begins each document "
+                "(train.config.model_config fills it from data.tokenizer)"
+            )
 
     @property
     def padded_vocab(self) -> int:
@@ -59,7 +62,7 @@ class GPTConfig:
         return (self.vocab_size + m - 1) // m * m
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:

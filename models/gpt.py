@@ -1,18 +1,18 @@
 """Llama-style GPT backbone as in the GRAPE code: pre-norm RMSNorm, optional QK-RMSNorm, SwiGLU,
 no biases, no absolute position embedding; the positional encoding lives in each attention layer."""
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+from pelab.models.attention import CausalSelfAttention, RMSNorm
+from pelab.models.config import GPTConfig
+from pelab.models.kernels.documents import doc_ids_from_tokens
+from pelab.models.loss import linear_cross_entropy
+from pelab.models.pe import PositionalEncoding
 from torch import Tensor, nn
-
-from models.attention import CausalSelfAttention, RMSNorm
-from models.config import GPTConfig
-from models.kernels.documents import doc_ids_from_tokens
-from models.loss import linear_cross_entropy
-from models.pe import PositionalEncoding
 
 
 class SwiGLU(nn.Module):
@@ -94,8 +94,10 @@ class GPT(nn.Module):
         (0..T-1) also with document masking."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
-                             f"raise model.max_seq_len or shorten the input")
+            raise ValueError(
+                f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                f"raise model.max_seq_len or shorten the input"
+            )
         if positions is None:
             positions = torch.arange(T, device=idx.device)
         docs = self.document_ids(idx)
@@ -116,5 +118,7 @@ class GPT(nn.Module):
         h = self.hidden_states(idx).flatten(0, 1)
         if torch.is_autocast_enabled(h.device.type):
             h = h.to(torch.get_autocast_dtype(h.device.type))
-        loss, lse, lse_sq = linear_cross_entropy(h, self.head_weight, targets.flatten(), self.cfg.loss_chunk_rows, z_loss)
+        loss, lse, lse_sq = linear_cross_entropy(
+            h, self.head_weight, targets.flatten(), self.cfg.loss_chunk_rows, z_loss
+        )
         return {"loss": loss, "lse": lse, "lse_sq": lse_sq}

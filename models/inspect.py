@@ -7,15 +7,15 @@ sequence length: forward + backward of the dense matmuls (6N) plus QK^T and PV (
 x 3 for fwd+bwd x T/2 keys on average under the causal mask would give 6LHDT; we follow the
 nanoGPT/torchtitan/MPT convention of counting the full T, 12 L H D T). MFU in pelab uses this.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 
 import torch
-
-from models.config import GPTConfig
-from models.gpt import GPT
+from pelab.models.config import GPTConfig
+from pelab.models.gpt import GPT
 
 
 def describe(cfg: GPTConfig, seq_len: int) -> dict:
@@ -48,8 +48,7 @@ def describe(cfg: GPTConfig, seq_len: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     from hydra.errors import HydraException
-
-    from train.config import compose, model_config
+    from pelab.train.config import compose, model_config
 
     try:
         cfg = compose(sys.argv[1:] if argv is None else argv)

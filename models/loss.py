@@ -5,6 +5,7 @@ chunk's logits are formed, reduced to loss/logsumexp, turned into gradients for 
 states and the head weight, and freed, all in forward (as Liger's FLCE does). It also returns
 logsumexp statistics for stability logging and supports a z-loss term (PaLM).
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,18 +55,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_w = ctx.needs_input_grad[1] and grad_enabled
         grad_h = torch.empty_like(hidden) if need_h else None
         # Weight gradient kept transposed (C, V): the layout cuBLAS runs with its fast Hopper kernels.
-        grad_wt = torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.float32, device=weight.device) if need_w else None
+        grad_wt = (
+            torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.float32, device=weight.device) if need_w else None
+        )
         sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
         scale = valid.float() / count
         softmax_grad = _softmax_grad_fn(hidden.device.type)
         for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]
+            h = hidden[s : s + chunk]
             logits = h @ w.t()
-            g, part = softmax_grad(logits, targets[s:s + chunk], scale[s:s + chunk], z_loss)
+            g, part = softmax_grad(logits, targets[s : s + chunk], scale[s : s + chunk], z_loss)
             del logits
             sums += part
             if need_h:
-                torch.mm(g, w, out=grad_h[s:s + chunk])
+                torch.mm(g, w, out=grad_h[s : s + chunk])
             if need_w:
                 grad_wt += h.t() @ g  # fp32 accumulation across chunks
         ctx.save_for_backward(grad_h, grad_wt)
@@ -83,8 +86,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 8192,
-                         z_loss: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 8192, z_loss: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mean CE of softmax(hidden @ weight.T) against targets (IGNORE_INDEX skipped), plus
     z_loss * mean(lse^2). hidden: (N, C), weight: (V, C), targets: (N,).
 

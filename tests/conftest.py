@@ -1,4 +1,5 @@
 """Shared fixtures: composed configs for tiny CPU runs, and one embedded-data build per session."""
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parent.parent
 
 # Small enough for a 2-core CPU: 2 micro-batches of 4 x 64 tokens per step.
-TINY = ["model=gpt_tiny", "trainer.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_tokens=512",
-        "trainer.log_every=2", "trainer.val_every=5", "trainer.ckpt_every=5", "data.val_tokens=2048",
-        "optim.warmup_steps=2"]
+TINY = [
+    "model=gpt_tiny",
+    "trainer.seq_len=64",
+    "trainer.micro_batch_size=4",
+    "trainer.global_batch_tokens=512",
+    "trainer.log_every=2",
+    "trainer.val_every=5",
+    "trainer.ckpt_every=5",
+    "data.val_tokens=2048",
+    "optim.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,7 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_cfg(data_root):
     """compose(overrides) for a tiny CPU run whose data lives in the session's data dir."""
-    from train.config import compose
+    from pelab.train.config import compose
 
     def make(*overrides: str):
         return compose([*TINY, f"paths.data={data_root}", *overrides])
@@ -49,8 +58,7 @@ def scale_loss(monkeypatch, factor: float, bad_call, grad_only: bool = False) ->
     """Wrap `GPT.loss` so that the n-th call (1-based; with `grad_only`, counting training calls only)
     returns its loss times `factor` when `bad_call(n)`: a loss spike or a NaN on chosen micro-batches."""
     import torch
-
-    from models.gpt import GPT
+    from pelab.models.gpt import GPT
 
     real_loss = GPT.loss
     calls = {"n": 0}

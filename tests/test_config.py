@@ -1,9 +1,9 @@
 """Every config group composes, and every choice builds a model config."""
+
 from __future__ import annotations
 
 import pytest
-
-from train.config import CONF_DIR, compose, model_config
+from pelab.train.config import CONF_DIR, compose, model_config
 
 GROUPS = ["model", "pe", "data", "optim", "trainer", "logger", "monitor"]
 
@@ -32,7 +32,7 @@ def test_kv_shift_reaches_the_model():
 
 
 def test_sweep_cell_dirnames_fit_the_file_system():
-    from train.config import short_dirname
+    from pelab.train.config import short_dirname
 
     short = "pe=rope,seed=1"
     assert short_dirname(short) == short

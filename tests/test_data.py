@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-from data.datamodule import TokenDataModule
-from data.sample import ensure_prepared, sample_documents
-from data.shards import MANIFEST, ShardError, find_shards, load_manifest, read_shard, write_manifest, write_shard
-from data.tokenizer import load_tokenizer
+from pelab.data.datamodule import TokenDataModule
+from pelab.data.sample import ensure_prepared, sample_documents
+from pelab.data.shards import MANIFEST, ShardError, find_shards, load_manifest, read_shard, write_manifest, write_shard
+from pelab.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN, MBS, ACCUM = 64, 4, 2
@@ -118,8 +117,9 @@ def test_ranks_split_the_same_global_batch(sample_cfg):
     one = make_dm(sample_cfg, step=3, accum=4)
     reference = rows(take(one.train_dataloader(), 1)[0])
     assert len(reference) == 4 * MBS
-    parts = [rows(take(make_dm(sample_cfg, step=3, rank=r, world=2, accum=2).train_dataloader(), 1)[0])
-             for r in range(2)]
+    parts = [
+        rows(take(make_dm(sample_cfg, step=3, rank=r, world=2, accum=2).train_dataloader(), 1)[0]) for r in range(2)
+    ]
     assert not parts[0] & parts[1] and parts[0] | parts[1] == reference
     assert one.tokens_per_step == 4 * MBS * SEQ_LEN
     assert make_dm(sample_cfg, world=2, accum=2).tokens_per_step == one.tokens_per_step
@@ -134,7 +134,7 @@ def test_val_batches_are_fixed_and_disjoint_across_ranks(sample_cfg, workers):
     assert all(b.shape == (MBS, SEQ_LEN + 1) and b.dtype == torch.int64 for b in batches)
     val_tokens = read_shard(find_shards(sample_cfg.dir)[0][0])
     inputs = torch.cat(batches)[:, :-1].flatten()
-    assert torch.equal(inputs, torch.from_numpy(val_tokens[:n_windows * SEQ_LEN].astype(np.int64)))
+    assert torch.equal(inputs, torch.from_numpy(val_tokens[: n_windows * SEQ_LEN].astype(np.int64)))
     per_rank = [list(make_dm(sample_cfg, rank=r, world=2, workers=workers).val_dataloader()) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == n_windows // (2 * MBS)
     rows = [{tuple(r) for b in batches for r in b.tolist()} for batches in per_rank]
@@ -179,9 +179,16 @@ def test_lightning_resume_starts_the_loader_at_the_restored_step(sample_cfg, tmp
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     def fit(max_steps, seen, ckpt=None):
-        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            default_root_dir=tmp_path)
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        )
         trainer.fit(Recorder(seen), TokenDataModule(sample_cfg, SEQ_LEN, MBS, ACCUM, seed=0), ckpt_path=ckpt)
         return trainer
 

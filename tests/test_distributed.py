@@ -13,6 +13,7 @@ One chain of runs of gpt_tiny (fp32, global batch 8 sequences x 64 tokens, decay
 Lightning launches the second process by re-running the command (its subprocess launcher), so
 every run is a subprocess; torch's FSDP1 runs on CPU with gloo here (see train.strategy).
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,24 +27,49 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
+from pelab.train.__main__ import plan
+from pelab.train.config import compose, model_config
 
 from tests.conftest import REPO, TINY
-from train.__main__ import plan
-from train.config import compose, model_config
 
-COMMON = [*TINY, "trainer.accelerator=cpu", "trainer.micro_batch_size=2", "optim.decay_steps=6",
-          "trainer.val_every=1000", "trainer.log_every=1", "trainer.ckpt_every=2", "trainer.keep_checkpoints=3"]
+COMMON = [
+    *TINY,
+    "trainer.accelerator=cpu",
+    "trainer.micro_batch_size=2",
+    "optim.decay_steps=6",
+    "trainer.val_every=1000",
+    "trainer.log_every=1",
+    "trainer.ckpt_every=2",
+    "trainer.keep_checkpoints=3",
+]
 ATOL = 2e-5  # fp32; different reduction order across processes
 
 
 def train(runs: Path, name: str, data_root: Path, *overrides: str) -> Path:
     # Lightning launches the second process itself: no launcher variables from the test environment.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLURM_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+    }
     env.update({"OMP_NUM_THREADS": "1", "PELAB_RUNS": str(runs)})
-    r = subprocess.run([sys.executable, "-m", "train", *COMMON, f"paths.data={data_root}", f"paths.runs={runs}",
-                        f"run_name={name}", *overrides], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            *COMMON,
+            f"paths.data={data_root}",
+            f"paths.runs={runs}",
+            f"run_name={name}",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return runs / name
 
@@ -93,11 +119,21 @@ def resumed(runs, data_root, ddp) -> Path:
 @pytest.fixture(scope="module")
 def fsdp(runs, data_root, resumed) -> Path:
     start_from(resumed / "checkpoints" / "step-00000004.ckpt", runs / "fsdp")
-    return train(runs, "fsdp", data_root, "trainer=fsdp", "trainer.devices=2", "trainer.max_steps=6",
-                 "trainer.fsdp.activation_checkpointing=true", "trainer.ckpt_every=1", "trainer.keep_checkpoints=1")
+    return train(
+        runs,
+        "fsdp",
+        data_root,
+        "trainer=fsdp",
+        "trainer.devices=2",
+        "trainer.max_steps=6",
+        "trainer.fsdp.activation_checkpointing=true",
+        "trainer.ckpt_every=1",
+        "trainer.keep_checkpoints=1",
+    )
 
 
 # ---- two processes -------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_accumulation(ref, ddp):
@@ -118,7 +154,9 @@ def test_ddp_two_processes_match_one_process_with_accumulation(ref, ddp):
 
 @pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one_process_with_the_same_data(ref, resumed):
-    assert_same_params(params(resumed / "checkpoints" / "last.ckpt"), params(ref / "checkpoints" / "step-00000004.ckpt"))
+    assert_same_params(
+        params(resumed / "checkpoints" / "last.ckpt"), params(ref / "checkpoints" / "step-00000004.ckpt")
+    )
     a, b = losses(resumed), losses(ref)
     assert sorted(a) == [3, 4]  # the checkpoint's own steps are not in this run dir's metrics
     for step in a:  # each step's loss is a function of that step's global batch
@@ -126,7 +164,7 @@ def test_two_process_checkpoint_resumes_in_one_process_with_the_same_data(ref, r
 
 
 def test_resume_step_sees_the_same_global_batch_on_one_and_two_processes(data_root):
-    from data.datamodule import TokenDataModule
+    from pelab.data.datamodule import TokenDataModule
 
     cfg = compose([*COMMON, f"paths.data={data_root}"])
 
@@ -148,8 +186,8 @@ def test_resume_step_sees_the_same_global_batch_on_one_and_two_processes(data_ro
 
 @pytest.mark.slow
 def test_fsdp_loads_a_single_file_saves_sharded_and_consolidates(ref, fsdp, tmp_path):
-    from train.consolidate import consolidate
-    from train.module import TrainGPT
+    from pelab.train.consolidate import consolidate
+    from pelab.train.module import TrainGPT
 
     ckpts = fsdp / "checkpoints"
     # sharded directories, written atomically (no .tmp left), only the newest kept, last.ckpt -> it
@@ -165,8 +203,9 @@ def test_fsdp_loads_a_single_file_saves_sharded_and_consolidates(ref, fsdp, tmp_
     out = tmp_path / "consolidated.ckpt"
     info = consolidate(ckpts / "last.ckpt", out)
     assert info["global_step"] == 6
-    full, expected = (torch.load(p, map_location="cpu", weights_only=False)
-                      for p in (out, ref / "checkpoints" / "step-00000006.ckpt"))
+    full, expected = (
+        torch.load(p, map_location="cpu", weights_only=False) for p in (out, ref / "checkpoints" / "step-00000006.ckpt")
+    )
     assert_same_params(full["state_dict"], expected["state_dict"])
     # AdamW moments: name-keyed, groups in the optimizer's order, so they map by position onto the
     # position-keyed state of the one-process run
@@ -199,8 +238,9 @@ def test_fsdp_loads_a_single_file_saves_sharded_and_consolidates(ref, fsdp, tmp_
 
 # ---- configuration, world size, strategy choice (no processes) ------------------------------------
 
+
 def test_world_size_and_accumulation(monkeypatch):
-    from train.strategy import world_size
+    from pelab.train.strategy import world_size
 
     for var in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -225,15 +265,17 @@ def test_world_size_and_accumulation(monkeypatch):
     # same global batch in tokens on 1, 2, 8 processes: accumulation adapts
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert [(s["world"], s["accum"], s["tokens_per_step"]) for s in map(sizes, (1, 2, 4))] == [
-        (1, 4, 512), (2, 2, 512), (4, 1, 512)]
+        (1, 4, 512),
+        (2, 2, 512),
+        (4, 1, 512),
+    ]
 
 
 def test_trainer_configs_compose_and_build_their_strategies():
     from lightning.pytorch.strategies import DDPStrategy
+    from pelab.models.gpt import Block
+    from pelab.train.strategy import DDP_DEFAULTS, FSDP_DEFAULTS, PelabFSDPStrategy, build
     from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
-
-    from models.gpt import Block
-    from train.strategy import DDP_DEFAULTS, FSDP_DEFAULTS, PelabFSDPStrategy, build
 
     for name in ("ddp", "fsdp", "auto"):
         cfg = compose([f"trainer={name}"])
@@ -247,14 +289,16 @@ def test_trainer_configs_compose_and_build_their_strategies():
     s, name = build(compose(["trainer=fsdp", "trainer.fsdp.activation_checkpointing=true"]), 2, 10**6, "bf16-mixed")
     assert name == "fsdp" and isinstance(s, PelabFSDPStrategy)
     assert s.sharding_strategy == ShardingStrategy.FULL_SHARD and s._state_dict_type == "sharded"
-    assert s.mixed_precision == MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                               buffer_dtype=torch.float32)
+    assert s.mixed_precision == MixedPrecision(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32
+    )
     assert s.kwargs["auto_wrap_policy"]._module_classes == {Block} and s.kwargs["use_orig_params"] is True
     assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
     s, _ = build(compose(["trainer=fsdp"]), 2, 10**6, "32-true")
     assert s.mixed_precision is None and not s._activation_checkpointing_kwargs  # fp32 on CPU
-    s, _ = build(compose(["trainer=fsdp", "trainer.fsdp.sharding=hybrid", "trainer.num_nodes=2"]), 16, 10**6,
-                 "bf16-mixed")
+    s, _ = build(
+        compose(["trainer=fsdp", "trainer.fsdp.sharding=hybrid", "trainer.num_nodes=2"]), 16, 10**6, "bf16-mixed"
+    )
     assert s.sharding_strategy == ShardingStrategy.HYBRID_SHARD and s.kwargs["device_mesh"] == (2, 8)
     # the plain default trainer with trainer.strategy=fsdp gets the same defaults
     s, name = build(compose(["trainer.strategy=fsdp"]), 2, 10**6, "32-true")
@@ -265,7 +309,7 @@ def test_trainer_configs_compose_and_build_their_strategies():
 
 
 def test_auto_rule_picks_fsdp_only_when_the_training_state_does_not_fit():
-    from train.strategy import choose
+    from pelab.train.strategy import choose
 
     t = compose(["trainer=auto"]).trainer
     h200, a100_40 = 141e9, 40e9
@@ -279,7 +323,7 @@ def test_auto_rule_picks_fsdp_only_when_the_training_state_does_not_fit():
 
 
 def test_sharded_checkpoint_needs_fsdp_or_consolidation(tmp_path):
-    from train.strategy import replace_dir, resume_format_problem
+    from pelab.train.strategy import replace_dir, resume_format_problem
 
     d = tmp_path / "step-00000004.ckpt"
     d.mkdir()

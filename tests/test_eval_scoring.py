@@ -1,6 +1,7 @@
 """Evaluation internals on stub models whose answers the test knows: log-likelihood scoring, acc and
 acc_norm as lm-evaluation-harness defines them, prompt formats, data loaders, rolling windows,
 greedy generation, retrieval item construction, perplexity windows and context-extension knobs."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pelab.train.eval import tasks as T
+from pelab.train.eval.zeroshot import FnModel, Scorer, mc_predictions, rolling_windows, score_task
 
 from tests.conftest import REPO
-from train.eval import tasks as T
-from train.eval.zeroshot import FnModel, Scorer, mc_predictions, rolling_windows, score_task
 
 V = 50257
 
@@ -29,8 +30,9 @@ def shared_eval_dir() -> Path | None:
     if os.environ.get("FINEWEB_SAMPLE_DIR"):
         cands.append(Path(os.environ["FINEWEB_SAMPLE_DIR"]).parent / "eval")
     cands.append(REPO.parent / "shared" / "data" / "eval")
-    return next((c for c in cands if (c / "hf_validation_olmo").is_dir() or (c / "icl_format_llm_foundry").is_dir()),
-                None)
+    return next(
+        (c for c in cands if (c / "hf_validation_olmo").is_dir() or (c / "icl_format_llm_foundry").is_dir()), None
+    )
 
 
 def needs_shared_eval() -> Path:
@@ -45,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tok():
-    from data.tokenizer import load_tokenizer
+    from pelab.data.tokenizer import load_tokenizer
 
     return load_tokenizer("gpt2")
 
@@ -82,17 +84,22 @@ def direct_ll(stub: BigramStub, tok, context: str, continuation: str) -> float:
     """Sum of log p over the continuation tokens, computed token by token (no batching, no scorer)."""
     ctx = tok.encode(context)
     whole = tok.encode(context + continuation)
-    seq = ctx + whole[len(ctx):]
+    seq = ctx + whole[len(ctx) :]
     return sum(stub.logp(seq[j - 1], seq[j]) for j in range(len(ctx), len(seq)))
 
 
 # ---- scoring ---------------------------------------------------------------------------------------
 
+
 def test_loglikelihood_matches_direct_computation_in_any_batching(tok):
     stub = BigramStub()
-    reqs = [("Question: What is the capital of France?\nAnswer:", " Paris"),
-            ("Question: What is the capital of France?\nAnswer:", " the city of London"),
-            ("The cat sat on the", " mat."), ("A", " b c d e f g"), ("One two three", " four")]
+    reqs = [
+        ("Question: What is the capital of France?\nAnswer:", " Paris"),
+        ("Question: What is the capital of France?\nAnswer:", " the city of London"),
+        ("The cat sat on the", " mat."),
+        ("A", " b c d e f g"),
+        ("One two three", " four"),
+    ]
     want = [direct_ll(stub, tok, c, x) for c, x in reqs]
     for bs in (1, 2, 16):
         got = Scorer(FnModel(stub), tok, max_length=64, batch_size=bs).loglikelihood(reqs)
@@ -110,10 +117,22 @@ def test_fixed_logits_make_one_choice_win_and_acc_norm_divides_by_characters(tok
     stub = FnModel(lambda idx: unigram.expand(*idx.shape, V))
     scorer = Scorer(stub, tok, max_length=64)
     spec = T.TaskSpec("t", "multiple_choice", ("acc", "acc_norm"), "x", None, "test", T.arc_doc)
-    docs = [T.arc_doc({"question": "Capital of France?", "choices": {"text": ["Paris", "London", "Rome"],
-                                                                      "label": ["A", "B", "C"]}, "answerKey": "A"}),
-            T.arc_doc({"question": "Capital of the UK?", "choices": {"text": ["Paris", "London", "Rome"],
-                                                                      "label": ["A", "B", "C"]}, "answerKey": "B"})]
+    docs = [
+        T.arc_doc(
+            {
+                "question": "Capital of France?",
+                "choices": {"text": ["Paris", "London", "Rome"], "label": ["A", "B", "C"]},
+                "answerKey": "A",
+            }
+        ),
+        T.arc_doc(
+            {
+                "question": "Capital of the UK?",
+                "choices": {"text": ["Paris", "London", "Rome"], "label": ["A", "B", "C"]},
+                "answerKey": "B",
+            }
+        ),
+    ]
     assert docs[0].requests[0] == ("Question: Capital of France?\nAnswer:", " Paris")
     m = score_task(scorer, spec, docs)
     assert m["acc"] == 0.5 and m["acc_norm"] == 0.5  # " Paris" always wins
@@ -158,7 +177,7 @@ def test_encode_pair_truncation_and_empty_context(tok):
     ctx, cont = scorer.encode_pair("", "Hello world")
     assert ctx == [tok.eot_id] and tok.decode(cont) == "Hello world"
     long_ctx = " ".join(["word"] * 50)
-    (ll, _), = scorer.loglikelihood([(long_ctx, " end")])
+    ((ll, _),) = scorer.loglikelihood([(long_ctx, " end")])
     assert stub.max_T <= 8  # the model never sees more than max_length tokens
     assert ll == pytest.approx(direct_ll(stub, tok, long_ctx, " end"), abs=1e-4)  # bigram: last token suffices
 
@@ -220,44 +239,71 @@ def test_greedy_generation_and_generate_until(tok):
 
 # ---- prompt formats and data loading --------------------------------------------------------------
 
+
 def test_prompt_formats_match_the_harness():
-    arc_hf = {"question": "Which is a mammal?", "choices": {"text": ["shark", "whale"], "label": ["A", "B"]},
-              "answerKey": "B"}
+    arc_hf = {
+        "question": "Which is a mammal?",
+        "choices": {"text": ["shark", "whale"], "label": ["A", "B"]},
+        "answerKey": "B",
+    }
     arc_icl = {"query": "Question: Which is a mammal?", "choices": ["shark", "whale"], "gold": 1}
     assert T.arc_doc(arc_hf) == T.arc_doc(arc_icl)
     assert T.arc_doc(arc_hf).requests[1] == ("Question: Which is a mammal?\nAnswer:", " whale")
     piqa_hf = {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0}
     piqa_icl = {"query": "Question: Open a jar\n", "choices": ["twist the lid", "eat the lid"], "gold": 0}
     assert T.piqa_doc(piqa_hf) == T.piqa_doc(piqa_icl)
-    wg_hf = {"sentence": "Sarah was a better surgeon than Maria so _ got the easier cases.", "option1": "Sarah",
-             "option2": "Maria", "answer": "2"}
-    wg_icl = {"context_options": ["Sarah was a better surgeon than Maria so Sarah",
-                                  "Sarah was a better surgeon than Maria so Maria"],
-              "continuation": "got the easier cases.", "gold": 1}
+    wg_hf = {
+        "sentence": "Sarah was a better surgeon than Maria so _ got the easier cases.",
+        "option1": "Sarah",
+        "option2": "Maria",
+        "answer": "2",
+    }
+    wg_icl = {
+        "context_options": [
+            "Sarah was a better surgeon than Maria so Sarah",
+            "Sarah was a better surgeon than Maria so Maria",
+        ],
+        "continuation": "got the easier cases.",
+        "gold": 1,
+    }
     d = T.winogrande_doc(wg_hf)
     assert d == T.winogrande_doc(wg_icl)
     assert d.requests[1] == ("Sarah was a better surgeon than Maria so Maria", " got the easier cases.") and d.gold == 1
-    hs = {"activity_label": "Baking cookies", "ctx_a": "A chef shows pans.", "ctx_b": "the pans",
-          "endings": ["are [title] washed.", "fly  away."], "label": "1"}
+    hs = {
+        "activity_label": "Baking cookies",
+        "ctx_a": "A chef shows pans.",
+        "ctx_b": "the pans",
+        "endings": ["are [title] washed.", "fly  away."],
+        "label": "1",
+    }
     d = T.hellaswag_doc(hs)
     assert d.requests[0][0] == "Baking cookies: A chef shows pans. The pans"
     assert d.choices == ["are. washed.", "fly away."] and d.gold == 1
-    sciq = {"question": "Q?", "distractor1": "a", "distractor2": "b", "distractor3": "c", "correct_answer": "d",
-            "support": "  Some support."}
+    sciq = {
+        "question": "Q?",
+        "distractor1": "a",
+        "distractor2": "b",
+        "distractor3": "c",
+        "correct_answer": "d",
+        "support": "  Some support.",
+    }
     d = T.sciq_doc(sciq)
     assert d.requests[3] == ("Some support.\nQuestion: Q?\nAnswer:", " d") and d.gold == 3
     obqa = {"question_stem": "The sun is", "choices": {"text": ["hot", "cold"], "label": ["A", "B"]}, "answerKey": "A"}
     assert T.openbookqa_doc(obqa).requests[0] == ("The sun is", " hot")
     assert T.boolq_doc({"passage": "P.", "question": "is it", "label": 1}).requests == [
-        ("P.\nQuestion: is it?\nAnswer:", " no"), ("P.\nQuestion: is it?\nAnswer:", " yes")]
+        ("P.\nQuestion: is it?\nAnswer:", " no"),
+        ("P.\nQuestion: is it?\nAnswer:", " yes"),
+    ]
     assert T.lambada_doc({"text": "he said hello to Shane"}) == T.LLDoc("he said hello to", " Shane")
     icl = {"context": "he said hello to", "continuation": "Shane"}
     assert T.lambada_doc(icl) == T.LLDoc("he said hello to", " Shane")
 
 
 def test_local_files_hub_code_path_and_fail_fast(tmp_path, monkeypatch):
-    rows = [{"question": f"q{i}?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
-            for i in range(5)]
+    rows = [
+        {"question": f"q{i}?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"} for i in range(5)
+    ]
     f = tmp_path / "sub" / "arc_easy_validation.jsonl"
     f.parent.mkdir()
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -271,7 +317,7 @@ def test_local_files_hub_code_path_and_fail_fast(tmp_path, monkeypatch):
     t0 = time.perf_counter()
     with pytest.raises(T.HubUnreachable, match="eval.data_dir="):
         T.require_hub(timeout=2)
-    from train.eval.zeroshot import run_zeroshot
+    from pelab.train.eval.zeroshot import run_zeroshot
 
     with pytest.raises(T.HubUnreachable):
         run_zeroshot(None, {"tasks": ["arc_easy"], "files": {}}, data_dir=None, hub_timeout=2)
@@ -286,9 +332,16 @@ def test_offline_bundle_loads_every_task_with_its_split(monkeypatch):
     data = needs_shared_eval()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     T._hub_reachable.cache_clear()
-    want = {"arc_easy": (2376, "test"), "arc_challenge": (1172, "test"), "hellaswag": (1000, "validation"),
-            "openbookqa": (500, "test"), "piqa": (1838, "validation"), "winogrande": (1267, "validation"),
-            "sciq": (1000, "validation"), "lambada_openai": (5153, "test")}
+    want = {
+        "arc_easy": (2376, "test"),
+        "arc_challenge": (1172, "test"),
+        "hellaswag": (1000, "validation"),
+        "openbookqa": (500, "test"),
+        "piqa": (1838, "validation"),
+        "winogrande": (1267, "validation"),
+        "sciq": (1000, "validation"),
+        "lambada_openai": (5153, "test"),
+    }
     for name, (n, split) in want.items():
         docs, src = T.load_docs(T.TASKS[name], data_dir=str(data))
         assert (len(docs), src["split"]) == (n, split), name
@@ -304,8 +357,10 @@ def test_offline_bundle_loads_every_task_with_its_split(monkeypatch):
 
 # ---- retrieval, perplexity windows, context extension ----------------------------------------------
 
+
 def test_retrieval_items_have_exact_length_and_depth(tok):
-    from train.eval.retrieval import TASKS as RT, Builder, run_retrieval, string_match_all
+    from pelab.train.eval.retrieval import TASKS as RT
+    from pelab.train.eval.retrieval import Builder, run_retrieval, string_match_all
 
     text = " ".join(f"Sentence number {i} talks about the weather. It was sunny." for i in range(300))
     b = Builder(tok, np.asarray(tok.encode(text)))
@@ -343,8 +398,9 @@ def test_retrieval_items_have_exact_length_and_depth(tok):
 
     Builder.item = spy
     try:
-        res = run_retrieval(oracle, tok, np.asarray(tok.encode(text)), 100, lengths=[200, 300], depths=[0.0, 1.0],
-                            samples=2)
+        res = run_retrieval(
+            oracle, tok, np.asarray(tok.encode(text)), 100, lengths=[200, 300], depths=[0.0, 1.0], samples=2
+        )
     finally:
         Builder.item = real_item
     for task, r in res["tasks"].items():
@@ -353,7 +409,7 @@ def test_retrieval_items_have_exact_length_and_depth(tok):
 
 
 def test_ppl_windows_and_per_position_losses():
-    from train.eval.ppl import ppl_vs_length
+    from pelab.train.eval.ppl import ppl_vs_length
 
     stub = BigramStub()
     lm = FnModel(stub)
@@ -367,10 +423,10 @@ def test_ppl_windows_and_per_position_losses():
 
 
 def test_context_extension_knobs():
-    from models.config import GPTConfig
-    from models.gpt import GPT
-    from models.pe.rope import rope_inv_freq
-    from train.eval.checkpoint import CheckpointError, adapt_learned_frequencies, build_model
+    from pelab.models.config import GPTConfig
+    from pelab.models.gpt import GPT
+    from pelab.models.pe.rope import rope_inv_freq
+    from pelab.train.eval.checkpoint import CheckpointError, adapt_learned_frequencies, build_model
 
     tiny = dict(name="t", vocab_size=128, n_layer=2, d_model=64, n_head=2, head_dim=32, mlp_hidden=64)
     # RoPE: overrides go to the constructor (inv_freq is a non-persistent buffer).
@@ -383,10 +439,11 @@ def test_context_extension_knobs():
         build_model({**tiny, "pe": {"name": "alibi"}}, {"base": 500000.0}, train_len=64)
     # GRAPE-M: learned frequencies at their RoPE init map exactly onto RoPE's extended frequencies.
     g = GPT(GPTConfig.from_dict({**tiny, "pe": {"name": "grape_m"}}))
-    for new, want in [({"base": 500000.0}, rope_inv_freq(32, 500000.0)[0]),
-                      ({"scaling": "linear", "factor": 8.0}, rope_inv_freq(32, 10000.0, "linear", 8.0)[0]),
-                      ({"scaling": "yarn", "factor": 8.0, "original_max_len": 64},
-                       rope_inv_freq(32, 10000.0, "yarn", 8.0, 64)[0])]:
+    for new, want in [
+        ({"base": 500000.0}, rope_inv_freq(32, 500000.0)[0]),
+        ({"scaling": "linear", "factor": 8.0}, rope_inv_freq(32, 10000.0, "linear", 8.0)[0]),
+        ({"scaling": "yarn", "factor": 8.0, "original_max_len": 64}, rope_inv_freq(32, 10000.0, "yarn", 8.0, 64)[0]),
+    ]:
         g.reset_parameters()
         notes = adapt_learned_frequencies(g, {"name": "grape_m", "base": 10000.0}, {"base": 10000.0, **new})
         assert notes and torch.allclose(g.pes()[1].freqs()[0], want, rtol=1e-5), new

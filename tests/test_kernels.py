@@ -8,6 +8,7 @@ GPU (skipped without CUDA): T=4096, bf16, realistic FoX / ALiBi / GRAPE-A / GRAP
 the triton and flex backends, against an fp32 reference; errors must stay at the level of plain
 bf16 attention.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,18 +28,18 @@ HAS_CUDA = torch.cuda.is_available()
 # tests may already have done. So the CPU tests run in a fresh interpreter that sets
 # TRITON_INTERPRET=1 before importing anything (test_cpu_kernels_in_subprocess).
 IN_SUBPROCESS = os.environ.get("PELAB_KERNEL_SUBPROCESS") == "1"
-cpu_kernel_test = pytest.mark.skipif(HAS_CUDA or not IN_SUBPROCESS,
-                                     reason="CPU interpreter test: runs inside test_cpu_kernels_in_subprocess")
+cpu_kernel_test = pytest.mark.skipif(
+    HAS_CUDA or not IN_SUBPROCESS, reason="CPU interpreter test: runs inside test_cpu_kernels_in_subprocess"
+)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-from models.kernels import attend, select_kernel  # noqa: E402
-from models.kernels import triton_lowrank, triton_pathsum  # noqa: E402
-from models.kernels.bias import LowRankBias, PathSumBias  # noqa: E402
-from models.kernels.reference import dense_attention  # noqa: E402
-from models.kernels.testing import realistic_biases  # noqa: E402
-from models.kernels.triton_lowrank import lowrank_attention  # noqa: E402
-from models.kernels.triton_pathsum import pathsum_attention  # noqa: E402
+from pelab.models.kernels import attend, select_kernel, triton_lowrank  # noqa: E402  # noqa: E402
+from pelab.models.kernels.bias import LowRankBias, PathSumBias  # noqa: E402
+from pelab.models.kernels.reference import dense_attention  # noqa: E402
+from pelab.models.kernels.testing import realistic_biases  # noqa: E402
+from pelab.models.kernels.triton_lowrank import lowrank_attention  # noqa: E402
+from pelab.models.kernels.triton_pathsum import pathsum_attention  # noqa: E402
 
 CPU_TOL = 1e-4  # fp32 inputs in the interpreter: errors are ~1e-6
 # GRAPE-AP runs its probe products and in-tile prefix sums as bf16 hi+lo pairs on the tensor cores
@@ -65,8 +66,24 @@ def test_cpu_kernels_in_subprocess():
     """Run this file's CPU interpreter tests in a fresh Python with TRITON_INTERPRET=1."""
     env = dict(os.environ, TRITON_INTERPRET="1", PELAB_KERNEL_SUBPROCESS="1")
     repo = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-                        "-k", "not in_subprocess"], env=env, cwd=repo, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(Path(__file__)),
+            "-k",
+            "not in_subprocess",
+        ],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
 
@@ -78,16 +95,24 @@ def _has_ptxas() -> bool:
 
 
 @pytest.mark.skipif(IN_SUBPROCESS, reason="compiles with the real Triton front end, outside the interpreter")
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None or not _has_ptxas(),
-                    reason="Triton's CUDA toolchain (ptxas) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not _has_ptxas(),
+    reason="Triton's CUDA toolchain (ptxas) is not installed",
+)
 @pytest.mark.parametrize("docs", [False, True])
 def test_every_kernel_compiles_for_hopper(docs):
     """No GPU needed: each Triton kernel, at its H200 launch config (and with document masking),
     goes through Triton's front end and ptxas for sm_90, the checks the interpreter skips."""
     repo = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "bench.aot", *(["--docs"] if docs else [])], env=env, cwd=repo,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.aot", *(["--docs"] if docs else [])],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [ln for ln in r.stdout.splitlines() if " cfg=" in ln]
     assert r.returncode == 0 and len(lines) == 6, r.stdout[-3000:] + r.stderr[-3000:]
     assert not [ln for ln in lines if "FAILED" in ln], "\n".join(lines)
@@ -106,9 +131,9 @@ def allow_cpu():
 
 LOWRANK_SHAPES = [  # B, Hq, Hkv, T, D, R, factor batch
     (1, 2, 2, 40, 32, 1, 1),
-    (2, 4, 2, 50, 32, 3, 1),   # GQA, broadcast factors, T % block != 0
-    (1, 2, 1, 64, 64, 2, 1),   # GQA 2:1, T a multiple of every block
-    (2, 2, 2, 37, 16, 4, 2),   # per-batch factors, rank 4
+    (2, 4, 2, 50, 32, 3, 1),  # GQA, broadcast factors, T % block != 0
+    (1, 2, 1, 64, 64, 2, 1),  # GQA 2:1, T a multiple of every block
+    (2, 2, 2, 37, 16, 4, 2),  # per-batch factors, rank 4
 ]
 
 
@@ -122,8 +147,8 @@ def test_triton_lowrank_matches_reference(B, Hq, Hkv, T, D, R, FB):
     bias = LowRankBias(a, b)
     ins = [q, k, v, a, b]
     do = torch.randn(B, Hq, T, D, generator=g)
-    got = _grads(lambda: lowrank_attention(q, k, v, bias, D ** -0.5), ins, do)
-    ref = _grads(lambda: dense_attention(q, k, v, bias, D ** -0.5), ins, do)
+    got = _grads(lambda: lowrank_attention(q, k, v, bias, D**-0.5), ins, do)
+    ref = _grads(lambda: dense_attention(q, k, v, bias, D**-0.5), ins, do)
     names = ["out", "dq", "dk", "dv", "dA", "dB"]
     for n, x, y in zip(names, got, ref):
         assert x.shape == y.shape, n
@@ -144,14 +169,14 @@ def test_triton_lowrank_fox_scale_and_no_bias():
         # the offset stands for a long prefix: |c| ~ 3e3 as at T=4096, bias c_i - c_j unchanged
         c = F.logsigmoid(logit).cumsum(-1) - 3000.0
         bias = LowRankBias(torch.ones(1, H, T, 1), -c[..., None])
-        return kernel(q, k, v, bias, D ** -0.5)
+        return kernel(q, k, v, bias, D**-0.5)
 
     got = _grads(lambda: fox(lowrank_attention), [q, k, v, logit], do)
     ref = _grads(lambda: fox(dense_attention), [q, k, v, logit], do)
     for x, y in zip(got, ref):
         assert _rel(x, y) < CPU_TOL
-    got = _grads(lambda: lowrank_attention(q, k, v, None, D ** -0.5), [q, k, v], do)
-    ref = _grads(lambda: dense_attention(q, k, v, None, D ** -0.5), [q, k, v], do)
+    got = _grads(lambda: lowrank_attention(q, k, v, None, D**-0.5), [q, k, v], do)
+    ref = _grads(lambda: dense_attention(q, k, v, None, D**-0.5), [q, k, v], do)
     for x, y in zip(got, ref):
         assert _rel(x, y) < CPU_TOL
 
@@ -187,26 +212,32 @@ def test_triton_lowrank_documents_match_reference(B, Hq, Hkv, T, D, R, docs):
         bias, ins = LowRankBias(a, b), ins + [a, b]
     doc = _doc_ids(B, T, docs, g)
     do = torch.randn(B, Hq, T, D, generator=g)
-    got = _grads(lambda: lowrank_attention(q, k, v, bias, D ** -0.5, doc_ids=doc), ins, do)
-    ref = _grads(lambda: dense_attention(q, k, v, bias, D ** -0.5, doc_ids=doc), ins, do)
+    got = _grads(lambda: lowrank_attention(q, k, v, bias, D**-0.5, doc_ids=doc), ins, do)
+    ref = _grads(lambda: dense_attention(q, k, v, bias, D**-0.5, doc_ids=doc), ins, do)
     for n, x, y in zip(["out", "dq", "dk", "dv", "dA", "dB"], got, ref):
         # one-token documents have exactly zero dq, dk and bias gradients: there the error is absolute
         err = (x - y).norm().item() / max(y.norm().item(), 1.0)
         assert torch.isfinite(x).all() and err < CPU_TOL, f"{n}: err {err:.2e}"
     # packed boundaries give the same call; a single document is plain causal attention
     cu = torch.tensor([0, 7, 30, 41, 2 * T] if B == 2 else [0, 19, T], dtype=torch.int32)
-    from models.kernels.documents import doc_ids_from_cu_seqlens
+    from pelab.models.kernels.documents import doc_ids_from_cu_seqlens
 
-    torch.testing.assert_close(lowrank_attention(q, k, v, bias, 0.25, cu_seqlens=cu),
-                               lowrank_attention(q, k, v, bias, 0.25, doc_ids=doc_ids_from_cu_seqlens(cu, B, T)))
+    torch.testing.assert_close(
+        lowrank_attention(q, k, v, bias, 0.25, cu_seqlens=cu),
+        lowrank_attention(q, k, v, bias, 0.25, doc_ids=doc_ids_from_cu_seqlens(cu, B, T)),
+    )
     one = torch.zeros(B, T, dtype=torch.int32)
-    torch.testing.assert_close(lowrank_attention(q, k, v, bias, 0.25, doc_ids=one),
-                               lowrank_attention(q, k, v, bias, 0.25), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        lowrank_attention(q, k, v, bias, 0.25, doc_ids=one),
+        lowrank_attention(q, k, v, bias, 0.25),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 PATHSUM_SHAPES = [  # B, Hq, Hkv, T, D, P, alpha grad
     (1, 2, 2, 40, 32, 8, True),
-    (2, 4, 2, 50, 32, 8, True),   # GQA, T % block != 0
+    (2, 4, 2, 50, 32, 8, True),  # GQA, T % block != 0
     (1, 2, 1, 64, 64, 4, False),
 ]
 
@@ -222,8 +253,8 @@ def test_triton_pathsum_matches_reference(B, Hq, Hkv, T, D, P, AG):
     bias = PathSumBias(qp, kp, alpha, 1.0 / P)
     ins = [q, k, v, qp, kp] + ([alpha] if AG else [])
     do = torch.randn(B, Hq, T, D, generator=g)
-    got = _grads(lambda: pathsum_attention(q, k, v, bias, D ** -0.5), ins, do)
-    ref = _grads(lambda: dense_attention(q, k, v, bias, D ** -0.5), ins, do)
+    got = _grads(lambda: pathsum_attention(q, k, v, bias, D**-0.5), ins, do)
+    ref = _grads(lambda: dense_attention(q, k, v, bias, D**-0.5), ins, do)
     names = ["out", "dq", "dk", "dv", "dqp", "dkp", "dalpha"]
     for n, x, y in zip(names, got, ref):
         assert x.shape == y.shape, n
@@ -284,21 +315,34 @@ def test_custom_ops_fake_tensor_shapes():
 
 
 @cpu_kernel_test
-@pytest.mark.parametrize("pe,compiled,docs", [({"name": "fox"}, False, False), ({"name": "grape_ap"}, True, False),
-                                              ({"name": "fox"}, True, True)])
+@pytest.mark.parametrize(
+    "pe,compiled,docs",
+    [({"name": "fox"}, False, False), ({"name": "grape_ap"}, True, False), ({"name": "fox"}, True, True)],
+)
 def test_model_end_to_end_triton_vs_eager(pe, compiled, docs):
     """A small GPT with backend=triton (optionally every block torch.compile'd: custom ops, fake
     kernels and autograd inside one graph, no graph break) matches backend=eager in loss and in
     every parameter gradient, PE parameters included; also with document masking."""
     import torch._dynamo
+    from pelab.models.config import GPTConfig
+    from pelab.models.gpt import GPT
     from torch._dynamo.utils import counters
 
-    from models.config import GPTConfig
-    from models.gpt import GPT
-
     torch.manual_seed(0)
-    cfg = GPTConfig(name="t", vocab_size=128, n_layer=2, d_model=64, n_head=4, head_dim=16, mlp_hidden=96,
-                    max_seq_len=64, pe=pe, attention_backend="triton", document_mask=docs, eot_id=127)
+    cfg = GPTConfig(
+        name="t",
+        vocab_size=128,
+        n_layer=2,
+        d_model=64,
+        n_head=4,
+        head_dim=16,
+        mlp_hidden=96,
+        max_seq_len=64,
+        pe=pe,
+        attention_backend="triton",
+        document_mask=docs,
+        eot_id=127,
+    )
     model = GPT(cfg)
     ref = GPT(GPTConfig(**{**cfg.__dict__, "attention_backend": "eager"}))
     ref.load_state_dict(model.state_dict())
@@ -322,6 +366,7 @@ def test_model_end_to_end_triton_vs_eager(pe, compiled, docs):
 
 
 # ---- GPU: T=4096, bf16, realistic values ---------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")

@@ -1,4 +1,5 @@
 """Backbone presets, the inspect CLI, the fused loss, and attention-kernel dispatch."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
-from models import GPT, GPTConfig
-from models.inspect import describe
-from models.kernels import attend
-from models.loss import linear_cross_entropy
-from train.config import compose, model_config
+from pelab.models import GPT, GPTConfig
+from pelab.models.inspect import describe
+from pelab.models.kernels import attend
+from pelab.models.loss import linear_cross_entropy
+from pelab.train.config import compose, model_config
 
 # Parameter counts stated by the GRAPE paper/code and the RoPE++ configs.
 EXPECTED_PARAMS = {
@@ -46,11 +46,21 @@ def test_355m_flops_per_token_matches_formula():
 
 
 def test_inspect_cli_prints_json():
-    out = subprocess.run([sys.executable, "-m", "models.inspect", "model=gpt_355m", "pe=nope"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "models.inspect", "model=gpt_355m", "pe=nope"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     info = json.loads(out)
-    assert set(info) >= {"total_params", "non_embedding_params", "attention_heads", "kv_heads",
-                         "kv_cache_bytes_per_token", "flops_per_token"}
+    assert set(info) >= {
+        "total_params",
+        "non_embedding_params",
+        "attention_heads",
+        "kv_heads",
+        "kv_cache_bytes_per_token",
+        "flops_per_token",
+    }
     assert info["pe"] == "nope" and info["attention_heads"] == 8
 
 
@@ -143,7 +153,7 @@ def test_causality_of_the_backbone():
 
 
 def test_rope_scores_are_relative():
-    from models.pe.rope import apply_rotary, rope_cos_sin, rope_inv_freq
+    from pelab.models.pe.rope import apply_rotary, rope_cos_sin, rope_inv_freq
 
     torch.manual_seed(0)
     q, k = torch.randn(1, 12, 1, 32), torch.randn(1, 12, 1, 32)
@@ -169,6 +179,7 @@ def test_bad_model_shapes_are_clear():
 
 # ---- document masking ------------------------------------------------------------------------------
 
+
 def _docs_by_hand(q, k, v, doc):
     """Reference of the reference: every (row, document) segment attended on its own."""
     out = torch.empty_like(q)
@@ -176,13 +187,13 @@ def _docs_by_hand(q, k, v, doc):
         for d in doc[b].unique():
             s = (doc[b] == d).nonzero()[:, 0]
             sl = slice(int(s[0]), int(s[-1]) + 1)
-            out[b:b + 1, sl] = attend(q[b:b + 1, sl], k[b:b + 1, sl], v[b:b + 1, sl], backend="eager")
+            out[b : b + 1, sl] = attend(q[b : b + 1, sl], k[b : b + 1, sl], v[b : b + 1, sl], backend="eager")
     return out
 
 
 def test_document_ids_from_tokens_and_cu_seqlens():
-    from models.kernels import doc_ids_from_cu_seqlens, doc_ids_from_tokens
-    from models.kernels.documents import doc_bounds
+    from pelab.models.kernels import doc_ids_from_cu_seqlens, doc_ids_from_tokens
+    from pelab.models.kernels.documents import doc_bounds
 
     idx = torch.tensor([[5, 1, 9, 2, 9, 9, 3], [9, 1, 2, 3, 4, 9, 6]])
     doc = doc_ids_from_tokens(idx, eot_id=9)  # each eot opens a document
@@ -205,7 +216,7 @@ def test_document_masking_eager_chunked_and_by_hand():
     ref = attend(q, k, v, backend="eager", doc_ids=doc)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ref, _docs_by_hand(q, k, v, doc), atol=1e-5, rtol=1e-5)
-    from models.kernels.reference import chunked_attention
+    from pelab.models.kernels.reference import chunked_attention
 
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     small = chunked_attention(qh, kh, vh, None, 0.25, block=16, doc_ids=doc).transpose(1, 2)  # several chunks
@@ -217,7 +228,7 @@ def test_document_masking_eager_chunked_and_by_hand():
 
 def test_document_masking_dispatch():
     """auto picks a kernel that can mask documents; a named kernel that cannot is one clear error."""
-    from models.kernels import select_kernel
+    from pelab.models.kernels import select_kernel
 
     q = torch.randn(1, 8, 2, 16)
     doc = torch.zeros(1, 8, dtype=torch.int32)
@@ -236,11 +247,10 @@ def test_flex_document_mask_matches_reference(monkeypatch):
     (forward only; the kernel itself is CUDA only)."""
     import warnings
 
+    from pelab.models.kernels import flex
+    from pelab.models.kernels.bias import LowRankBias
+    from pelab.models.kernels.reference import dense_attention
     from torch.nn.attention.flex_attention import flex_attention
-
-    from models.kernels import flex
-    from models.kernels.bias import LowRankBias
-    from models.kernels.reference import dense_attention
 
     monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_attention)  # no torch.compile on CPU
     torch.manual_seed(0)
@@ -276,9 +286,9 @@ def test_document_mask_equals_documents_run_separately(pe, kv_shift):
     sep, total = torch.empty_like(logits), 0.0
     for b, cuts in ((0, [0, 5, 13, 24]), (1, [0, 23, 24])):
         for s, e in zip(cuts[:-1], cuts[1:]):
-            part = off(idx[b:b + 1, s:e], positions=torch.arange(s, e))
-            sep[b:b + 1, s:e] = part.detach()
-            total = total + (part * w[b:b + 1, s:e]).sum()
+            part = off(idx[b : b + 1, s:e], positions=torch.arange(s, e))
+            sep[b : b + 1, s:e] = part.detach()
+            total = total + (part * w[b : b + 1, s:e]).sum()
     total.backward()
     torch.testing.assert_close(logits, sep, atol=2e-5, rtol=1e-5)
     for (name, p), r in zip(on.named_parameters(), off.parameters()):
@@ -308,7 +318,7 @@ def test_document_mask_config():
 
 def test_swiglu_padding_changes_nothing():
     """mlp_pad_to pads the weights inside forward only: same outputs, same gradients, same parameters."""
-    from models.gpt import SwiGLU
+    from pelab.models.gpt import SwiGLU
 
     torch.manual_seed(0)
     plain, padded = SwiGLU(32, 85, pad_to=0), SwiGLU(32, 85, pad_to=64)
@@ -325,7 +335,7 @@ def test_swiglu_padding_changes_nothing():
 
 def test_cos_sin_op_matches_autograd():
     """The opaque cos/sin op (one table per call) has the gradient of plain cos/sin."""
-    from models.pe.common import half_split_cos_sin
+    from pelab.models.pe.common import half_split_cos_sin
 
     a = torch.randn(7, 3, 4, dtype=torch.float32) * 50
     a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()

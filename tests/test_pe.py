@@ -1,5 +1,6 @@
 """The positional-encoding matrix: every PE against its dense reference, the relative laws, the papers'
 reductions, causality, gradients, parameter counts and KV-cache sizes (CPU, tiny shapes)."""
+
 from __future__ import annotations
 
 import functools
@@ -10,19 +11,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-
-from models.attention import CausalSelfAttention
-from models.config import GPTConfig
-from models.gpt import GPT
-from models.kernels.bias import LowRankBias, PathSumBias
-from models.kernels.reference import chunked_attention, dense_attention
-from models.pe import available
-from models.pe.alibi import alibi_slopes
-from models.pe.reference import reference_output, reference_scores
+from pelab.models.attention import CausalSelfAttention
+from pelab.models.config import GPTConfig
+from pelab.models.gpt import GPT
+from pelab.models.kernels.bias import LowRankBias, PathSumBias
+from pelab.models.kernels.reference import chunked_attention, dense_attention
+from pelab.models.pe import available
+from pelab.models.pe.alibi import alibi_slopes
+from pelab.models.pe.reference import reference_output, reference_scores
 
 CONF_PE = Path(__file__).resolve().parent.parent / "conf" / "pe"
-ALL_PES = ["nope", "rope", "ropepp_eh", "ropepp_ec", "grape_m", "grape_m_ctx", "grape_a_q", "grape_a_k",
-           "grape_a_qk", "grape_ap", "alibi", "fox"]
+ALL_PES = [
+    "nope",
+    "rope",
+    "ropepp_eh",
+    "ropepp_ec",
+    "grape_m",
+    "grape_m_ctx",
+    "grape_a_q",
+    "grape_a_k",
+    "grape_a_qk",
+    "grape_ap",
+    "alibi",
+    "fox",
+]
 
 
 def pe_spec(name: str, **overrides) -> dict:
@@ -47,8 +59,18 @@ VARIANT_IDS = [v[0] for v in VARIANTS]
 
 def tiny_cfg(spec: dict, **kw) -> GPTConfig:
     # GQA (4 query heads on 2 KV heads) so that RoPE++'s interleaved head layout is exercised.
-    base = dict(name="t", vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=48,
-                loss_chunk_rows=0, pe=dict(spec))
+    base = dict(
+        name="t",
+        vocab_size=61,
+        n_layer=2,
+        d_model=32,
+        n_head=4,
+        n_kv_head=2,
+        head_dim=8,
+        mlp_hidden=48,
+        loss_chunk_rows=0,
+        pe=dict(spec),
+    )
     base.update(kw)
     return GPTConfig(**base)
 
@@ -128,6 +150,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- registry and configs -------------------------------------------------------------------------
 
+
 def test_every_pe_is_registered_and_has_a_config():
     assert set(ALL_PES) <= set(available())
     for name in ALL_PES:
@@ -135,6 +158,7 @@ def test_every_pe_is_registered_and_has_a_config():
 
 
 # ---- attention output == softmax(reference scores) V ---------------------------------------------
+
 
 @pytest.mark.parametrize("kv_shift", [False, True], ids=["plain", "kvshift"])
 @pytest.mark.parametrize("backend", ["chunked", "eager"])
@@ -163,8 +187,12 @@ def test_bias_tiles_match_dense_bias(variant):
         q, k, v, bias = attn.project(x, torch.arange(13))
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scale = q.shape[-1] ** -0.5
-        torch.testing.assert_close(chunked_attention(qh, kh, vh, bias, scale, block=4),
-                                   dense_attention(qh, kh, vh, bias, scale), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            chunked_attention(qh, kh, vh, bias, scale, block=4),
+            dense_attention(qh, kh, vh, bias, scale),
+            atol=1e-5,
+            rtol=1e-5,
+        )
     if bias is not None:
         assert isinstance(bias, (LowRankBias, PathSumBias))
         if isinstance(bias, LowRankBias):
@@ -173,8 +201,20 @@ def test_bias_tiles_match_dense_bias(variant):
 
 # ---- relative laws --------------------------------------------------------------------------------
 
-RELATIVE = ["rope", "ropepp_eh", "ropepp_ec", "grape_m", "grape_m-per_head", "grape_m-rodrigues",
-            "grape_m-rodrigues-3planes", "alibi", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_a_qk-linear"]
+RELATIVE = [
+    "rope",
+    "ropepp_eh",
+    "ropepp_ec",
+    "grape_m",
+    "grape_m-per_head",
+    "grape_m-rodrigues",
+    "grape_m-rodrigues-3planes",
+    "alibi",
+    "grape_a_q",
+    "grape_a_k",
+    "grape_a_qk",
+    "grape_a_qk-linear",
+]
 
 
 @pytest.mark.parametrize("name", RELATIVE)
@@ -189,7 +229,9 @@ def test_scores_are_invariant_to_a_position_shift(name):
         torch.testing.assert_close(attn(x, pos + 37), attn(x, pos), atol=1e-5, rtol=1e-5)
         q, k, _ = normed_heads(attn, x)
         r0 = reference_scores(attn.pe, q, k, x, pos)
-        torch.testing.assert_close(lower(reference_scores(attn.pe, q, k, x, pos + 1000)), lower(r0), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(
+            lower(reference_scores(attn.pe, q, k, x, pos + 1000)), lower(r0), atol=1e-4, rtol=1e-5
+        )
     # The law is not vacuous: the scores do depend on position (a zero shift of content would not).
     assert (lower(s0) - lower(fast_scores(attn, torch.randn(2, 10, 32), pos))).abs().max() > 1e-3
 
@@ -253,16 +295,21 @@ def test_grape_m_ctx_initial_omega_matches_both_code_versions():
 
 # ---- the papers' reductions -------------------------------------------------------------------------
 
+
 def _shared_weights(src: CausalSelfAttention, dst: CausalSelfAttention) -> None:
     """Copy every non-PE weight whose shape matches (RoPE++ EC has a wider o_proj)."""
     own = dst.state_dict()
-    dst.load_state_dict({k: v for k, v in src.state_dict().items()
-                         if not k.startswith("pe.") and k in own and own[k].shape == v.shape}, strict=False)
+    dst.load_state_dict(
+        {k: v for k, v in src.state_dict().items() if not k.startswith("pe.") and k in own and own[k].shape == v.shape},
+        strict=False,
+    )
 
 
-@pytest.mark.parametrize("spec", [pe_spec("grape_m"), pe_spec("grape_m", form="rodrigues"),
-                                  pe_spec("grape_m", form="rodrigues", basis="canonical")],
-                         ids=["rope_form", "rodrigues_learned_basis", "rodrigues_canonical"])
+@pytest.mark.parametrize(
+    "spec",
+    [pe_spec("grape_m"), pe_spec("grape_m", form="rodrigues"), pe_spec("grape_m", form="rodrigues", basis="canonical")],
+    ids=["rope_form", "rodrigues_learned_basis", "rodrigues_canonical"],
+)
 def test_grape_m_at_init_equals_rope(spec):
     torch.manual_seed(6)
     rope, grape = layer(pe_spec("rope"), perturb=False), layer(spec, perturb=False)
@@ -298,13 +345,13 @@ def test_grape_m_keeps_its_frequencies_in_fp32():
 
 
 def test_rodrigues_series_and_closed_form_agree_near_the_threshold():
-    from models.pe.grape_m import _sinc_cosc
+    from pelab.models.pe.grape_m import _sinc_cosc
 
     z = torch.tensor([0.0, 1e-4, 0.049, 0.051, 0.5, 3.0], dtype=torch.float64)
     sinc, cosc = _sinc_cosc(z, 0.05)
     zs = torch.where(z == 0, torch.ones_like(z), z)
     torch.testing.assert_close(sinc, torch.where(z == 0, torch.ones_like(z), torch.sin(zs) / zs))
-    torch.testing.assert_close(cosc, torch.where(z == 0, torch.full_like(z, 0.5), (1 - torch.cos(zs)) / zs ** 2))
+    torch.testing.assert_close(cosc, torch.where(z == 0, torch.full_like(z, 0.5), (1 - torch.cos(zs)) / zs**2))
     zg = torch.tensor([0.0, 0.01], requires_grad=True)
     s, c = _sinc_cosc(zg, 0.05)
     (s + c).sum().backward()
@@ -338,8 +385,9 @@ def test_fox_with_a_constant_gate_equals_alibi(n_head):
     with torch.no_grad():
         torch.testing.assert_close(fox(x, pos), alibi(x, pos), atol=1e-5, rtol=1e-5)
         q, k, _ = normed_heads(fox, x)
-        torch.testing.assert_close(reference_scores(fox.pe, q, k, x, pos), reference_scores(alibi.pe, q, k, x, pos),
-                                   atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(
+            reference_scores(fox.pe, q, k, x, pos), reference_scores(alibi.pe, q, k, x, pos), atol=1e-5, rtol=1e-6
+        )
 
 
 def test_grape_ap_with_constant_probe_term_is_scaled_alibi():
@@ -391,7 +439,9 @@ def test_ropepp_imaginary_scores_are_minus_im_of_the_complex_rope_product():
         # At zero offset the imaginary score is -(q x k) = sum_n (q2 k1 - q1 k2) / sqrt(D) (pairs n, n + D/2).
         kn_h = kn[:, :, torch.arange(4) // 2]
         cross = (qn[..., 4:] * kn_h[..., :4] - qn[..., :4] * kn_h[..., 4:]).sum(-1) / math.sqrt(8)
-        torch.testing.assert_close(torch.diagonal(s[:, 1::2], dim1=-2, dim2=-1), cross.transpose(1, 2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.diagonal(s[:, 1::2], dim1=-2, dim2=-1), cross.transpose(1, 2), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_ropepp_heads_share_their_parent_kv_head():
@@ -401,14 +451,19 @@ def test_ropepp_heads_share_their_parent_kv_head():
     x, pos = torch.randn(1, 7, 32), torch.arange(7)
     with torch.no_grad():
         q, k, v, _ = ec.project(x, pos)
-        y = dense_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 8 ** -0.5)
+        y = dense_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 8**-0.5)
         # Query head j of the original layer (4 heads on 2 KV heads) uses KV head j // 2.
         for j in range(4):
             for part in (0, 1):
                 h = 2 * j + part
-                ref = dense_attention(q[:, :, h:h + 1].transpose(1, 2), k[:, :, j // 2:j // 2 + 1].transpose(1, 2),
-                                      v[:, :, j // 2:j // 2 + 1].transpose(1, 2), None, 8 ** -0.5)
-                torch.testing.assert_close(y[:, h:h + 1], ref)
+                ref = dense_attention(
+                    q[:, :, h : h + 1].transpose(1, 2),
+                    k[:, :, j // 2 : j // 2 + 1].transpose(1, 2),
+                    v[:, :, j // 2 : j // 2 + 1].transpose(1, 2),
+                    None,
+                    8**-0.5,
+                )
+                torch.testing.assert_close(y[:, h : h + 1], ref)
 
 
 def test_ropepp_eh_needs_even_heads():
@@ -418,9 +473,9 @@ def test_ropepp_eh_needs_even_heads():
 
 def test_alibi_slopes_standard_rule():
     assert alibi_slopes(8) == [2.0 ** -(h + 1) for h in range(8)]
-    assert alibi_slopes(10) == alibi_slopes(8) + [2 ** -0.5, 2 ** -1.5]
-    assert alibi_slopes(12) == pytest.approx(alibi_slopes(8) + [2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5])
-    assert alibi_slopes(4) == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8]
+    assert alibi_slopes(10) == alibi_slopes(8) + [2**-0.5, 2**-1.5]
+    assert alibi_slopes(12) == pytest.approx(alibi_slopes(8) + [2**-0.5, 2**-1.5, 2**-2.5, 2**-3.5])
+    assert alibi_slopes(4) == [2**-2, 2**-4, 2**-6, 2**-8]
     attn = CausalSelfAttention(tiny_cfg(pe_spec("alibi"), n_head=12, n_kv_head=4, d_model=96), 0)
     assert attn.pe.slopes.tolist() == pytest.approx(alibi_slopes(12))
 
@@ -445,10 +500,11 @@ def test_grape_a_at_zero_gate_logits_is_alibi_times_ln2(name, n_gates):
 
 # ---- EH/EC shapes, parameter counts, KV cache ---------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _describe(model: str, pe: str, vocab: int | None = None, *extra: str) -> dict:
-    from models.inspect import describe
-    from train.config import compose, model_config
+    from pelab.models.inspect import describe
+    from pelab.train.config import compose, model_config
 
     over = [f"model={model}", f"pe={pe}", *extra] + ([f"model.vocab_size={vocab}"] if vocab else [])
     return describe(model_config(compose(over)), 4096)
@@ -471,9 +527,18 @@ def test_ropepp_param_counts_and_kv_cache_on_776m():
 
 # GRAPE notes §3.10: extra parameters per layer (d_model, H) = (1024, 8) medium and (1280, 10) large.
 def _extra_per_layer(pe: str, d: int, H: int, D: int = 128) -> int:
-    return {"nope": 0, "rope": 0, "alibi": 0, "grape_m": D // 2, "grape_m_ctx": D // 2 + d + 1,
-            "grape_a_q": H + H * D, "grape_a_k": H + H * D, "grape_a_qk": H + 2 * H * D,
-            "grape_ap": d * H * 8, "fox": d * H + H}[pe]
+    return {
+        "nope": 0,
+        "rope": 0,
+        "alibi": 0,
+        "grape_m": D // 2,
+        "grape_m_ctx": D // 2 + d + 1,
+        "grape_a_q": H + H * D,
+        "grape_a_k": H + H * D,
+        "grape_a_qk": H + 2 * H * D,
+        "grape_ap": d * H * 8,
+        "fox": d * H + H,
+    }[pe]
 
 
 @pytest.mark.parametrize("model,d,H,L", [("gpt_355m", 1024, 8, 24), ("gpt_770m", 1280, 10, 36)])
@@ -486,7 +551,10 @@ def test_grape_extra_params_match_the_notes(model, d, H, L):
         assert info["total_params"] == base + info["pe_params"], pe
     assert _extra_per_layer("grape_m_ctx", 1024, 8) == 1089 and _extra_per_layer("grape_ap", 1280, 10) == 102400
     # KV-shift adds 2 * d_model * H per layer.
-    assert _describe(model, "fox", None, "kv_shift=true")["total_params"] - _describe(model, "fox")["total_params"] == L * 2 * d * H
+    assert (
+        _describe(model, "fox", None, "kv_shift=true")["total_params"] - _describe(model, "fox")["total_params"]
+        == L * 2 * d * H
+    )
 
 
 @pytest.mark.parametrize("model", ["gpt_tiny", "gpt_355m", "gpt_770m", "gpt_776m"])
@@ -498,6 +566,7 @@ def test_describe_works_for_every_pe_on_every_backbone(model):
 
 
 # ---- causality, gradients, stats through a full GPT ---------------------------------------------------
+
 
 @pytest.mark.parametrize("kv_shift", [False, True], ids=["plain", "kvshift"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
@@ -545,8 +614,13 @@ def test_stats_are_finite_scalars(variant):
         for key, value in pe.stats().items():
             assert value.dim() == 0 and torch.isfinite(value), key
     stats = model.pes()[0].stats()
-    required = {"grape_m": "log_freq_drift_mean", "grape_m_ctx": "omega_mean", "grape_a_qk": "omega/h0",
-                "grape_ap": "sim_diag_abs_mean", "fox": "half_life_tokens"}
+    required = {
+        "grape_m": "log_freq_drift_mean",
+        "grape_m_ctx": "omega_mean",
+        "grape_a_qk": "omega/h0",
+        "grape_ap": "sim_diag_abs_mean",
+        "fox": "half_life_tokens",
+    }
     if variant[0] in required:
         assert required[variant[0]] in stats
     if variant[0] == "fox":

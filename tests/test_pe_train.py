@@ -1,14 +1,14 @@
 """A short plain-PyTorch training run of gpt_tiny with every PE lowers the loss (CPU)."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
-from models.config import GPTConfig
-from models.gpt import GPT
-from train.config import compose, to_dict
+from pelab.models.config import GPTConfig
+from pelab.models.gpt import GPT
+from pelab.train.config import compose, to_dict
 
 from tests.test_pe import ALL_PES
 
@@ -75,9 +75,24 @@ def test_cli_matrix_of_every_pe_completes(data_root, tmp_path):
     from tests.conftest import REPO
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "train", "-m", "+sweep=pe_matrix", "experiment=tiny", "trainer.max_steps=2",
-                        "monitor.enabled=false", f"paths.data={data_root}", f"paths.runs={tmp_path}"],
-                       cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "-m",
+            "+sweep=pe_matrix",
+            "experiment=tiny",
+            "trainer.max_steps=2",
+            "monitor.enabled=false",
+            f"paths.data={data_root}",
+            f"paths.runs={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (summary,) = tmp_path.glob("multirun/*/summary.json")
     rows = json.loads(summary.read_text())["rows"]

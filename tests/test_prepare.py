@@ -11,12 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
-
-from data import prepare as prep
-from data.prepare import HubUnreachableError, ResumeState, ShardPacker, prepare, write_shards
-from data.sampler import TrainWindows
-from data.shards import MANIFEST, ShardError, find_shards, load_manifest, read_shard
-from data.tokenizer import load_tokenizer
+from pelab.data import prepare as prep
+from pelab.data.prepare import HubUnreachableError, ResumeState, ShardPacker, prepare, write_shards
+from pelab.data.sampler import TrainWindows
+from pelab.data.shards import MANIFEST, ShardError, find_shards, load_manifest, read_shard
+from pelab.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD_TOKENS = 20_000
@@ -38,18 +37,20 @@ def fineweb_parquet(tmp_path_factory) -> Path:
     texts = [row["text"] for row in fineweb_rows()]
     tok = load_tokenizer()
     n = len(texts)
-    table = pa.table({
-        "text": texts,
-        "id": [f"<urn:uuid:{hashlib.md5(t.encode()).hexdigest()}>" for t in texts],
-        "dump": ["CC-MAIN-2013-20"] * n,
-        "url": [f"http://example.org/doc/{i}" for i in range(n)],
-        "file_path": ["s3://commoncrawl/crawl-data/CC-MAIN-2013-20/segments/1368696381249/warc/x.warc.gz"] * n,
-        "language": ["en"] * n,
-        "language_score": [0.97] * n,
-        "token_count": [len(ids) for ids in tok.encode_batch(texts)],
-        "score": [3.1] * n,
-        "int_score": [3] * n,
-    })
+    table = pa.table(
+        {
+            "text": texts,
+            "id": [f"<urn:uuid:{hashlib.md5(t.encode()).hexdigest()}>" for t in texts],
+            "dump": ["CC-MAIN-2013-20"] * n,
+            "url": [f"http://example.org/doc/{i}" for i in range(n)],
+            "file_path": ["s3://commoncrawl/crawl-data/CC-MAIN-2013-20/segments/1368696381249/warc/x.warc.gz"] * n,
+            "language": ["en"] * n,
+            "language_score": [0.97] * n,
+            "token_count": [len(ids) for ids in tok.encode_batch(texts)],
+            "score": [3.1] * n,
+            "int_score": [3] * n,
+        }
+    )
     path = tmp_path_factory.mktemp("fineweb") / "000_00000.parquet"
     pq.write_table(table, path)
     return path
@@ -112,7 +113,7 @@ def test_prepare_real_fineweb_rows_from_local_parquet(fineweb_parquet, tmp_path)
     windows = sampler.windows(0, np.arange(64))
     assert windows.shape == (64, 257) and windows.max() < 50257
     shard, offset = sampler.starts(0, np.arange(64))
-    assert windows[5].tolist() == read_shard(train[shard[5]])[offset[5]:offset[5] + 257].tolist()
+    assert windows[5].tolist() == read_shard(train[shard[5]])[offset[5] : offset[5] + 257].tolist()
 
 
 @pytest.mark.parametrize("interrupt", ["stop_after_shards", "kill_mid_shard"])
@@ -175,8 +176,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tmp_path):
 
 
 def test_packer_records_partial_documents(tmp_path):
-    packer = ShardPacker(tmp_path, "t", np.uint16, shard_tokens=4, val_shard_tokens=4, start=ResumeState(),
-                         settings={})
+    packer = ShardPacker(tmp_path, "t", np.uint16, shard_tokens=4, val_shard_tokens=4, start=ResumeState(), settings={})
     packer.add(np.arange(3))
     packer.add(np.arange(10, 16))  # fills shard 0 with 1 token, shard 1 with 4, 1 token left
     state = json.loads((tmp_path / prep.STATE).read_text())
@@ -219,8 +219,15 @@ def test_unreachable_hub_fails_fast_pointing_at_local_files(tmp_path, monkeypatc
 
 
 def test_cli_composes_the_hydra_config(fineweb_parquet, tmp_path, capsys):
-    prep.main(["data=fineweb_edu", f"paths.data={tmp_path}", f"data.local_files={fineweb_parquet}",
-               f"data.shard_tokens={SHARD_TOKENS}", "data.num_proc=1"])
+    prep.main(
+        [
+            "data=fineweb_edu",
+            f"paths.data={tmp_path}",
+            f"data.local_files={fineweb_parquet}",
+            f"data.shard_tokens={SHARD_TOKENS}",
+            "data.num_proc=1",
+        ]
+    )
     out = tmp_path / "fineweb_edu_sample-10BT"
     assert load_manifest(out)["num_docs"] == 150
     assert "150 documents" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """`python -m train.report`: plots and the comparison table from local logs and from the W&B API
 (a fake Api object), and a real 3-PE gpt_tiny sweep logged to CSV and to offline W&B runs."""
+
 from __future__ import annotations
 
 import csv
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
+from pelab.train import report
+from pelab.train.loggers import read_wandb_offline
 
 from tests.conftest import REPO, TINY
-from train import report
-from train.loggers import read_wandb_offline
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -39,19 +40,34 @@ def fake_run(root: Path, pe: str, seed: int, scale: float, spike_at: int | None 
     for step in range(10, 101, 10):
         if spike_at is not None and step >= spike_at:
             spikes = 1
-        row = {"step": step, "tokens": step * 512, "train/loss": scale * (10 - step / 20), "lr": 1e-3,
-               "grad_norm": 1 + step / 100, "tokens_per_s": 1000 * scale + step, "mfu": 0.1 * scale,
-               "stability/spikes": spikes, "train/loss_max": scale * (10 - step / 20) + 0.5}
+        row = {
+            "step": step,
+            "tokens": step * 512,
+            "train/loss": scale * (10 - step / 20),
+            "lr": 1e-3,
+            "grad_norm": 1 + step / 100,
+            "tokens_per_s": 1000 * scale + step,
+            "mfu": 0.1 * scale,
+            "stability/spikes": spikes,
+            "train/loss_max": scale * (10 - step / 20) + 0.5,
+        }
         if step % 50 == 0:
             row["val/loss"] = scale * (9.5 - step / 25) + (3.0 if step == 100 and pe == "nope" else 0)
         rows.append(row)
         if step % 20 == 0:
-            probes.append({"step": step, "tokens": step * 512, "attn/max_logit": scale * step / 10,
-                           **{f"attn/max_logit/L{i}": scale * step / 10 - i for i in range(3)}})
+            probes.append(
+                {
+                    "step": step,
+                    "tokens": step * 512,
+                    "attn/max_logit": scale * step / 10,
+                    **{f"attn/max_logit/L{i}": scale * step / 10 - i for i in range(3)},
+                }
+            )
     write_csv(d / "metrics.csv", rows)
     write_csv(d / "probes.csv", probes)
-    (d / "summary.json").write_text(json.dumps({"model": "gpt_tiny", "pe": pe, "seed": seed, "data": "sample",
-                                                "kv_shift": False}))
+    (d / "summary.json").write_text(
+        json.dumps({"model": "gpt_tiny", "pe": pe, "seed": seed, "data": "sample", "kv_shift": False})
+    )
     return d
 
 
@@ -114,11 +130,16 @@ class FakeRun:
     def __init__(self, run_dir: Path, run_id: str):
         self.id = run_id
         s = json.loads((run_dir / "summary.json").read_text())
-        self.config = {"model": {"name": s["model"]}, "pe": {"name": s["pe"]}, "seed": s["seed"],
-                       "data": {"name": "sample"}, "kv_shift": False}
+        self.config = {
+            "model": {"name": s["model"]},
+            "pe": {"name": s["pe"]},
+            "seed": s["seed"],
+            "data": {"name": "sample"},
+            "kv_shift": False,
+        }
         self.summary = {"final/val_loss": 1.0}
         # What LoggerBridge / StabilityMonitor send: grouped names, one history row per log call.
-        from train.stability import grouped
+        from pelab.train.stability import grouped
 
         self._rows = []
         for i, r in enumerate(report.read_metrics(run_dir)):
@@ -126,9 +147,15 @@ class FakeRun:
             main = grouped({k: v for k, v in r.items() if k not in probe_keys and k != "step"})
             self._rows.append({**main, "trainer/global_step": int(r["step"]), "_step": 2 * i, "_runtime": 1.0})
             if probe_keys:
-                self._rows.append({**{k: r[k] for k in probe_keys}, "tokens": r["tokens"],
-                                   "trainer/global_step": int(r["step"]), "_step": 2 * i + 1,
-                                   "attn/offset_curve_table": {"_type": "table-file"}})
+                self._rows.append(
+                    {
+                        **{k: r[k] for k in probe_keys},
+                        "tokens": r["tokens"],
+                        "trainer/global_step": int(r["step"]),
+                        "_step": 2 * i + 1,
+                        "attn/offset_curve_table": {"_type": "table-file"},
+                    }
+                )
 
     def scan_history(self):
         return iter(self._rows)
@@ -153,8 +180,17 @@ def test_wandb_path_maps_history_to_the_same_report(fake_sweep, tmp_path, monkey
     remote = {s["run"]: s for s in (report.summarize(r) for r in runs)}
     assert set(remote) == set(local)
     for name, s in remote.items():
-        for key in ("steps", "tokens", "final_train_loss", "final_val_loss", "best_val_loss", "spikes",
-                    "tokens_per_s", "mfu", "max_attn_logit"):
+        for key in (
+            "steps",
+            "tokens",
+            "final_train_loss",
+            "final_val_loss",
+            "best_val_loss",
+            "spikes",
+            "tokens_per_s",
+            "mfu",
+            "max_attn_logit",
+        ):
             assert s[key] == pytest.approx(local[name][key]), (name, key)
     # the command line goes through wandb.Api()
     import wandb
@@ -167,15 +203,38 @@ def test_wandb_path_maps_history_to_the_same_report(fake_sweep, tmp_path, monkey
 
 # ---- a real sweep: 3 PEs, CSV + offline W&B, then the report ------------------------------------------
 
-SWEEP = [*TINY, "model.n_layer=2", "trainer.max_steps=4", "trainer.val_every=4", "trainer.ckpt_every=4",
-         "data.val_tokens=512", "monitor.probe_every=2", "monitor.nr_every=4", "logger=wandb"]
+SWEEP = [
+    *TINY,
+    "model.n_layer=2",
+    "trainer.max_steps=4",
+    "trainer.val_every=4",
+    "trainer.ckpt_every=4",
+    "data.val_tokens=512",
+    "monitor.probe_every=2",
+    "monitor.nr_every=4",
+    "logger=wandb",
+]
 
 
 @pytest.fixture(scope="module")
 def sweep(data_root, tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    r = subprocess.run([sys.executable, "-m", "train", "-m", "pe=rope,nope,alibi", *SWEEP, f"paths.data={data_root}",
-                        f"paths.runs={runs}", "hydra.sweep.subdir=${hydra.job.num}-${pe.name}"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "-m",
+            "pe=rope,nope,alibi",
+            *SWEEP,
+            f"paths.data={data_root}",
+            f"paths.runs={runs}",
+            "hydra.sweep.subdir=${hydra.job.num}-${pe.name}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     (root,) = list((runs / "multirun").iterdir())
     return root
@@ -188,16 +247,35 @@ def test_sweep_logs_every_metric_to_csv_and_offline_wandb(sweep):
     for cell in cells:
         with open(cell / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        assert {"step", "tokens", "train/loss", "lr", "grad_norm", "tokens_per_s", "train/z_loss", "train/lse",
-                "stability/clip_rate", "stability/spikes", "stability/spike_score", "throughput/step_time_s",
-                "throughput/data_wait"} <= set(rows[0])
+        assert {
+            "step",
+            "tokens",
+            "train/loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "train/z_loss",
+            "train/lse",
+            "stability/clip_rate",
+            "stability/spikes",
+            "stability/spike_score",
+            "throughput/step_time_s",
+            "throughput/data_wait",
+        } <= set(rows[0])
         assert [int(r["step"]) for r in rows] == [2, 4]
         with open(cell / "probes.csv", newline="") as f:
             probes = list(csv.DictReader(f))
         assert [int(r["step"]) for r in probes] == [2, 4]
-        assert {"attn/max_logit/L0", "attn/max_logit/L1", "attn/entropy/L1", "stability/update_ratio/L0",
-                "stability/param_rms/embed", "stability/grad_rms/L1", "stability/resid_rms/L1",
-                "stability/output_logit_max"} <= set(probes[0])
+        assert {
+            "attn/max_logit/L0",
+            "attn/max_logit/L1",
+            "attn/entropy/L1",
+            "stability/update_ratio/L0",
+            "stability/param_rms/embed",
+            "stability/grad_rms/L1",
+            "stability/resid_rms/L1",
+            "stability/output_logit_max",
+        } <= set(probes[0])
         assert probes[1]["attn/nr/L1"] and not probes[0].get("attn/nr/L1")  # NR at step 4 only
         nr = json.loads((cell / "diagnostics" / "nr-step-00000004.json").read_text())
         assert len(nr["layers"]) == 2 and len(nr["layers"][0]["offset_mean"]) == len(nr["offsets"])
@@ -210,8 +288,17 @@ def test_sweep_logs_every_metric_to_csv_and_offline_wandb(sweep):
         assert wb["name"] == f"gpt_tiny-{pe}-s0" and f"pe:{pe}" in wb["tags"]
         assert wb["config"]["pe"]["name"] == pe and wb["config"]["monitor"]["probe_every"] == 2
         keys = set().union(*wb["history"])
-        assert {"train/loss", "train/lr", "stability/grad_norm", "throughput/tokens_per_s", "val/loss",
-                "attn/max_logit/L1", "stability/update_ratio/L0", "attn/nr/L0", "tokens"} <= keys
+        assert {
+            "train/loss",
+            "train/lr",
+            "stability/grad_norm",
+            "throughput/tokens_per_s",
+            "val/loss",
+            "attn/max_logit/L1",
+            "stability/update_ratio/L0",
+            "attn/nr/L0",
+            "tokens",
+        } <= keys
         assert "lr" not in keys and "grad_norm" not in keys  # W&B gets the grouped names only
         train_loss = [h["train/loss"] for h in wb["history"] if "train/loss" in h]
         assert train_loss == pytest.approx([float(r["train/loss"]) for r in rows])
@@ -221,7 +308,7 @@ def test_sweep_logs_every_metric_to_csv_and_offline_wandb(sweep):
 
 
 def test_resumed_run_continues_the_same_wandb_run(sweep, tiny_cfg):
-    from train.__main__ import run
+    from pelab.train.__main__ import run
 
     cell = sweep / "0-rope"  # hydra.sweep.subdir=${hydra.job.num}-${pe.name}
     run_id = (cell / "wandb_id.txt").read_text().strip()

@@ -4,9 +4,8 @@ import pickle
 
 import numpy as np
 import pytest
-
-from data.sampler import TrainWindows, ValWindows, seq_ids_for, splitmix64
-from data.shards import read_shard, shard_name, write_shard
+from pelab.data.sampler import TrainWindows, ValWindows, seq_ids_for, splitmix64
+from pelab.data.shards import read_shard, shard_name, write_shard
 
 SEQ_LEN = 16
 SIZES = (1000, 2000, 4000)
@@ -75,7 +74,7 @@ def test_windows_lie_inside_shards_and_match_their_tokens(train_paths):
     windows = sampler.windows(2, ids)
     tokens = [read_shard(p) for p in train_paths]
     for row in range(0, 2000, 97):
-        assert windows[row].tolist() == tokens[shard[row]][offset[row]:offset[row] + SEQ_LEN + 1].tolist()
+        assert windows[row].tolist() == tokens[shard[row]][offset[row] : offset[row] + SEQ_LEN + 1].tolist()
     assert (np.diff(windows, axis=1) == 1).all()  # consecutive tokens, never across a shard boundary
 
 

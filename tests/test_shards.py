@@ -4,10 +4,20 @@ import json
 
 import numpy as np
 import pytest
-
-from data.shards import (HEADER_BYTES, MAGIC, ShardError, find_shards, load_manifest, read_header, read_shard,
-                         shard_name, verify_manifest, write_manifest, write_shard)
-from data.tokenizer import load_tokenizer
+from pelab.data.shards import (
+    HEADER_BYTES,
+    MAGIC,
+    ShardError,
+    find_shards,
+    load_manifest,
+    read_header,
+    read_shard,
+    shard_name,
+    verify_manifest,
+    write_manifest,
+    write_shard,
+)
+from pelab.data.tokenizer import load_tokenizer
 
 
 def nanogpt_bytes(tokens) -> bytes:
@@ -50,13 +60,16 @@ def test_ids_over_uint16_are_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("corrupt, problem", [
-    (lambda b: b"\x00\x00\x00\x00" + b[4:], "bad magic"),
-    (lambda b: b[:4] + np.int32(7).tobytes() + b[8:], "unsupported version 7"),
-    (lambda b: b[:-2], f"truncated: expected {HEADER_BYTES + 20} bytes got {HEADER_BYTES + 18}"),
-    (lambda b: b + b"\x00\x00", "trailing bytes"),
-    (lambda b: b[:100], "truncated header"),
-])
+@pytest.mark.parametrize(
+    "corrupt, problem",
+    [
+        (lambda b: b"\x00\x00\x00\x00" + b[4:], "bad magic"),
+        (lambda b: b[:4] + np.int32(7).tobytes() + b[8:], "unsupported version 7"),
+        (lambda b: b[:-2], f"truncated: expected {HEADER_BYTES + 20} bytes got {HEADER_BYTES + 18}"),
+        (lambda b: b + b"\x00\x00", "trailing bytes"),
+        (lambda b: b[:100], "truncated header"),
+    ],
+)
 def test_corrupt_shards_raise_shard_error_naming_file_and_fix(tmp_path, corrupt, problem):
     path = tmp_path / "fineweb_train_000001.bin"
     path.write_bytes(corrupt(nanogpt_bytes(range(10))))
@@ -91,7 +104,9 @@ def test_manifest_records_shards_and_detects_damage(tmp_path):
     assert manifest["tokenizer"] == {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256}
     assert manifest["num_docs"] == 2 and manifest["num_tokens"] == 7 and manifest["source"] == "unit test"
     assert [(s["name"], s["split"], s["tokens"]) for s in manifest["shards"]] == [
-        ("p_val_000000.bin", "val", 3), ("p_train_000001.bin", "train", 4)]
+        ("p_val_000000.bin", "val", 3),
+        ("p_train_000001.bin", "train", 4),
+    ]
     assert verify_manifest(tmp_path, hashes=True) == manifest
 
     write_shard(tmp_path / shard_name("p", 1), [50256, 3, 4, 6])  # same size, other content

@@ -12,6 +12,7 @@ Cluster: used as is when `sinfo` works. Otherwise, with PELAB_SLURM_START=1 (wha
 tests/slurm_cluster.sh installs Debian's Slurm if needed and starts a one-node cluster for this module, and
 stops every daemon it started at the end (also on failure). Without either, the tests are skipped.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,9 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pelab.train import slurm
 
 from tests.conftest import REPO
-from train import slurm
 
 pytestmark = pytest.mark.slurm
 
@@ -46,8 +47,10 @@ def cluster():
     started = False
     if not _sinfo_works():
         if os.environ.get("PELAB_SLURM_START") != "1":
-            pytest.skip("no Slurm cluster reachable (sinfo failed); `make test-slurm` starts a one-node test cluster "
-                        "from Debian's packages (root and apt-get needed)")
+            pytest.skip(
+                "no Slurm cluster reachable (sinfo failed); `make test-slurm` starts a one-node test cluster "
+                "from Debian's packages (root and apt-get needed)"
+            )
         r = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=1200)
         if r.returncode == 77:
             pytest.skip("cannot start a Slurm cluster on this machine: " + r.stderr.strip().splitlines()[-1])
@@ -72,8 +75,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The embedded data built once, before any job (jobs of a sweep would otherwise all build it at once)."""
-    from data.sample import ensure_prepared
-    from train.config import compose
+    from pelab.data.sample import ensure_prepared
+    from pelab.train.config import compose
 
     d = tmp_path_factory.mktemp("slurm_data")
     ensure_prepared(compose(["experiment=tiny", f"paths.data={d}"]).data)
@@ -114,6 +117,7 @@ def _wait(pred, timeout: float, what: str, every: float = 0.5, explain=None):
 
 def _explain(jid: str, log_dir: Path, run_dir: Path):
     """What a timed-out wait shows: scontrol's job record, the run's last logged step, the job log's tail."""
+
     def explain() -> str:
         info = _job(jid)
         keys = ("JobState", "Reason", "Restarts", "ExitCode", "BatchFlag", "StartTime", "EndTime")
@@ -124,10 +128,14 @@ def _explain(jid: str, log_dir: Path, run_dir: Path):
         daemons = Path(os.environ.get("PELAB_SLURM_DIR", "/tmp/pelab-slurm"))  # tests/slurm_cluster.sh's logs
         for name in ("slurmctld.log", "slurmd.log"):
             if (daemons / name).exists():
-                tails += f"--- {daemons / name}\n" + "".join((daemons / name).read_text(errors="replace")
-                                                               .splitlines(keepends=True)[-25:])
-        return (f"job {jid}: " + " ".join(f"{k}={info.get(k)}" for k in keys) + f"\nlast step in metrics.csv: "
-                f"{_last_step(run_dir)}\nsqueue:\n{queue}sinfo:\n{nodes}{tails or 'no job log found'}")
+                tails += f"--- {daemons / name}\n" + "".join(
+                    (daemons / name).read_text(errors="replace").splitlines(keepends=True)[-25:]
+                )
+        return (
+            f"job {jid}: " + " ".join(f"{k}={info.get(k)}" for k in keys) + f"\nlast step in metrics.csv: "
+            f"{_last_step(run_dir)}\nsqueue:\n{queue}sinfo:\n{nodes}{tails or 'no job log found'}"
+        )
+
     return explain
 
 
@@ -159,27 +167,58 @@ def _release(jid: str) -> None:
 def test_launcher_multirun_one_job_per_cell(cluster, data_dir, tmp_path):
     runs = tmp_path / "runs"
     tasks = 2 if cluster["cpus"] >= 2 else 1
-    common = [sys.executable, "-m", "train", "-m", "hydra/launcher=slurm", "experiment=tiny", f"paths.runs={runs}",
-              f"paths.data={data_dir}", f"hydra.launcher.partition={cluster['partition']}",
-              "hydra.launcher.gpus_per_node=0", f"hydra.launcher.tasks_per_node={tasks}",
-              "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=15",
-              "hydra.launcher.signal_delay_s=60"]
+    common = [
+        sys.executable,
+        "-m",
+        "train",
+        "-m",
+        "hydra/launcher=slurm",
+        "experiment=tiny",
+        f"paths.runs={runs}",
+        f"paths.data={data_dir}",
+        f"hydra.launcher.partition={cluster['partition']}",
+        "hydra.launcher.gpus_per_node=0",
+        f"hydra.launcher.tasks_per_node={tasks}",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=15",
+        "hydra.launcher.signal_delay_s=60",
+    ]
     before = _sh("squeue", "-h", "-o", "%i").stdout.split()
 
     # Bad input is refused before anything is submitted.
-    r = subprocess.run([*common, "pe=rope,nope", "hydra.launcher.partition=no_such_partition"], cwd=REPO,
-                       capture_output=True, text=True, env=_env(), timeout=300)
+    r = subprocess.run(
+        [*common, "pe=rope,nope", "hydra.launcher.partition=no_such_partition"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert r.returncode == 2 and "partition 'no_such_partition' does not exist" in r.stdout + r.stderr
-    r = subprocess.run([*common, "pe=rope,nope", "hydra.launcher.gpus_per_node=1", "hydra.launcher.tasks_per_node=1"],
-                       cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    r = subprocess.run(
+        [*common, "pe=rope,nope", "hydra.launcher.gpus_per_node=1", "hydra.launcher.tasks_per_node=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert r.returncode == 2 and "gpus_per_node=1 is impossible" in r.stdout + r.stderr
     assert _sh("squeue", "-h", "-o", "%i").stdout.split() == before and not (runs / "multirun").exists()
 
     # Two cells, one SLURM job each; the launcher waits for both. The first cell's job gets submitit's
     # pre-timeout signal (USR2) mid-run: both ranks stop at the same step, it checkpoints and requeues itself.
-    launcher = subprocess.Popen([*common, "pe=rope,nope", "trainer.max_steps=12", "optim.decay_steps=12"],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    launcher = subprocess.Popen(
+        [*common, "pe=rope,nope", "trainer.max_steps=12", "optim.decay_steps=12"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
     try:
+
         def running_cell():
             for m in runs.glob("multirun/*/*/metrics.csv"):
                 if _last_step(m.parent) >= 4:
@@ -189,8 +228,12 @@ def test_launcher_multirun_one_job_per_cell(cluster, data_dir, tmp_path):
         cell = _wait(running_cell, 600, "a cell to reach step 4")
         jid = _sh("squeue", "-h", "-t", "RUNNING", "-o", "%i").stdout.split()[0]
         _sh("scancel", "--signal=USR2", jid)
-        _wait(lambda: _requeued_and_pending(jid, 1), 180, "the cell's job to requeue itself",
-              explain=_explain(jid, cell.parent, cell))
+        _wait(
+            lambda: _requeued_and_pending(jid, 1),
+            180,
+            "the cell's job to requeue itself",
+            explain=_explain(jid, cell.parent, cell),
+        )
         _release(jid)
         out, _ = launcher.communicate(timeout=900)
     finally:
@@ -218,11 +261,25 @@ def test_launcher_multirun_one_job_per_cell(cluster, data_dir, tmp_path):
 
 def test_sbatch_route_and_requeue_resume_exactly(cluster, data_dir, tmp_path):
     runs = tmp_path / "runs"
-    common = ["experiment=tiny", "trainer.max_steps=24", "optim.decay_steps=24", f"paths.runs={runs}",
-              f"paths.data={data_dir}"]
-    sbatch = ["sbatch", "--parsable", f"--partition={cluster['partition']}", "--gpus-per-node=0",
-              "--ntasks-per-node=1", "--cpus-per-task=1", "--mem=2G", "--time=20", f"--output={tmp_path}/%x-%j.out",
-              "slurm/train.sbatch"]
+    common = [
+        "experiment=tiny",
+        "trainer.max_steps=24",
+        "optim.decay_steps=24",
+        f"paths.runs={runs}",
+        f"paths.data={data_dir}",
+    ]
+    sbatch = [
+        "sbatch",
+        "--parsable",
+        f"--partition={cluster['partition']}",
+        "--gpus-per-node=0",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+        "--mem=2G",
+        "--time=20",
+        f"--output={tmp_path}/%x-%j.out",
+        "slurm/train.sbatch",
+    ]
     straight = _sh(*sbatch, *common, "run_name=straight").stdout.strip().split(";")[0]
     jid = _sh(*sbatch, *common, "run_name=requeued").stdout.strip().split(";")[0]
     run_dir = runs / "requeued"
@@ -240,16 +297,28 @@ def test_sbatch_route_and_requeue_resume_exactly(cluster, data_dir, tmp_path):
 
     # 2) A hard requeue (scontrol requeue: SIGTERM, then SIGKILL) of the resumed job; it resumes from the
     #    last periodic checkpoint.
-    _wait(lambda: _job(jid).get("JobState") == "RUNNING" and _last_step(run_dir) >= first_stop + 4, 600,
-          "the requeued job to resume and make progress", explain=explain)
+    _wait(
+        lambda: _job(jid).get("JobState") == "RUNNING" and _last_step(run_dir) >= first_stop + 4,
+        600,
+        "the requeued job to resume and make progress",
+        explain=explain,
+    )
     _sh("scontrol", "requeue", jid)
     _wait(lambda: _requeued_and_pending(jid, 2), 180, "the hard requeue", explain=explain)
     _release(jid)
 
     # Both jobs finish.
-    _wait(lambda: all(_job(j).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", None)
-                      and _job(j).get("JobState") != "PENDING" for j in (straight, jid)), 900, "both jobs to end",
-          every=2, explain=explain)
+    _wait(
+        lambda: all(
+            _job(j).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", None)
+            and _job(j).get("JobState") != "PENDING"
+            for j in (straight, jid)
+        ),
+        900,
+        "both jobs to end",
+        every=2,
+        explain=explain,
+    )
     for j in (straight, jid):
         info = _job(j)
         assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (j, info)

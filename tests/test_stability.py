@@ -1,5 +1,6 @@
 """Stability metrics against direct computations: attention max logit / entropy, update ratio,
 the Behind-RoPE NR decomposition, the OLMo-core spike rule, and optim.skip_spikes."""
+
 from __future__ import annotations
 
 import math
@@ -9,13 +10,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from pelab.models.config import GPTConfig
+from pelab.models.gpt import GPT
+from pelab.models.kernels import attend
+from pelab.train.stability import (
+    SpikeDetector,
+    StabilityMonitor,
+    StepStats,
+    attention_stats,
+    curve_offsets,
+    probe_forward,
+    relative_decomposition,
+    spike_flags,
+)
 
-from models.config import GPTConfig
-from models.gpt import GPT
-from models.kernels import attend
 from tests.conftest import scale_loss
-from train.stability import (SpikeDetector, StabilityMonitor, StepStats, attention_stats, curve_offsets,
-                             probe_forward, relative_decomposition, spike_flags)
 
 
 def tiny_gpt(pe: str = "rope", seed: int = 0, **kw) -> GPT:
@@ -53,6 +62,7 @@ def dense_scores(q, k, bias) -> torch.Tensor:
 
 # ---- attention statistics ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("pe", ["rope", "alibi", "fox", "nope"])
 def test_max_logit_and_entropy_match_a_dense_recomputation(pe):
     model = tiny_gpt(pe, kv_shift=(pe == "fox"))
@@ -73,7 +83,7 @@ def test_max_logit_and_entropy_match_a_dense_recomputation(pe):
 def test_document_masked_probes_see_only_their_document():
     """With model.document_mask the statistics are those of the rows the kernel attends over: keys of
     earlier documents are hidden (a dense recomputation with the document mask), not whole causal rows."""
-    from models.kernels.documents import doc_ids_from_tokens, same_document
+    from pelab.models.kernels.documents import doc_ids_from_tokens, same_document
 
     eot = 255
     model = tiny_gpt("alibi", document_mask=True, eot_id=eot)
@@ -82,8 +92,7 @@ def test_document_masked_probes_see_only_their_document():
     idx[1, 17] = eot
     docs = doc_ids_from_tokens(idx, eot)
     got = []
-    hooks = [b.attn.register_forward_pre_hook(lambda attn, args: got.append(attn.project(*args)))
-             for b in model.blocks]
+    hooks = [b.attn.register_forward_pre_hook(lambda attn, args: got.append(attn.project(*args))) for b in model.blocks]
     with torch.no_grad():
         model(idx)
     for h in hooks:
@@ -94,8 +103,9 @@ def test_document_masked_probes_see_only_their_document():
         s = dense_scores(q, k, bias).masked_fill(~same_document(docs, docs), float("-inf"))
         p = s.softmax(-1)
         out = torch.einsum("bhij,bjhd->bihd", p, v.repeat_interleave(q.shape[2] // v.shape[2], dim=2).double())
-        torch.testing.assert_close(out.float(), attend(q, k, v, bias, backend="eager", doc_ids=docs),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            out.float(), attend(q, k, v, bias, backend="eager", doc_ids=docs), atol=1e-5, rtol=1e-4
+        )
         ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1).mean(dim=(0, 2))
         torch.testing.assert_close(st["entropy"], ent.float(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(st["max_logit"], s.amax(dim=(0, 2, 3)).float(), atol=1e-5, rtol=1e-5)
@@ -108,7 +118,7 @@ def test_document_masked_probes_see_only_their_document():
 def test_alibi_bias_is_taken_as_the_true_relative_bias():
     """The kernels' ALiBi factor is +m*j (softmax ignores the -m*i row constant); the probe must see
     -m*(i - j): with zero query/key projections the scores are exactly the ALiBi bias."""
-    from models.pe.alibi import alibi_slopes
+    from pelab.models.pe.alibi import alibi_slopes
 
     model = tiny_gpt("alibi", qk_norm=False)
     for b in model.blocks:
@@ -121,8 +131,9 @@ def test_alibi_bias_is_taken_as_the_true_relative_bias():
         assert layer["nr"] == pytest.approx(0.0, abs=1e-6)  # purely relative
         assert layer["nr_heads"] == pytest.approx([0.0] * 4, abs=1e-6)
         offs = out["nr"]["offsets"]
-        assert layer["offset_mean"] == pytest.approx((-m.mean() * torch.tensor(offs, dtype=torch.float)).tolist(),
-                                                     abs=1e-4)
+        assert layer["offset_mean"] == pytest.approx(
+            (-m.mean() * torch.tensor(offs, dtype=torch.float)).tolist(), abs=1e-4
+        )
 
 
 def test_probe_forward_reports_every_layer_and_leaves_the_model_alone():
@@ -135,8 +146,10 @@ def test_probe_forward_reports_every_layer_and_leaves_the_model_alone():
     s = {k: float(v) for k, v in out["scalars"].items()}
     assert {f"attn/max_logit/L{i}" for i in range(3)} <= set(s) and {f"attn/entropy/L{i}" for i in range(3)} <= set(s)
     assert s["attn/max_logit"] == max(s[f"attn/max_logit/L{i}"] for i in range(3))
-    assert set(k for k in s if k.startswith("stability/resid_rms")) == {"stability/resid_rms/embed",
-                                                                         "stability/resid_rms/L2"}
+    assert set(k for k in s if k.startswith("stability/resid_rms")) == {
+        "stability/resid_rms/embed",
+        "stability/resid_rms/L2",
+    }
     real = logits[..., :256]
     assert s["stability/output_logit_max"] == pytest.approx(float(real.max()), rel=1e-5)
     assert s["stability/output_logit_mean"] == pytest.approx(float(real.mean()), rel=1e-4, abs=1e-6)
@@ -155,6 +168,7 @@ def test_pe_stats_are_collected_per_layer():
 
 
 # ---- Behind-RoPE decomposition --------------------------------------------------------------------
+
 
 def _causal(T):
     return torch.ones(T, T, dtype=torch.bool).tril()
@@ -202,6 +216,7 @@ def test_nr_is_positive_for_absolute_position_maps_and_batches_over_leading_dims
 
 # ---- update ratio against a manual AdamW step -------------------------------------------------------
 
+
 class _Windows:
     seq_len = 24
 
@@ -225,9 +240,14 @@ def test_param_grad_and_update_rms_match_a_manual_adamw_step(tmp_path):
     clipped = {n: p.grad.clone() for n, p in model.named_parameters()}
     old = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    trainer = SimpleNamespace(global_step=0, max_steps=1, is_global_zero=True, loggers=[],
-                              datamodule=SimpleNamespace(val_windows=_Windows()),
-                              precision_plugin=SimpleNamespace(forward_context=nullcontext))
+    trainer = SimpleNamespace(
+        global_step=0,
+        max_steps=1,
+        is_global_zero=True,
+        loggers=[],
+        datamodule=SimpleNamespace(val_windows=_Windows()),
+        precision_plugin=SimpleNamespace(forward_context=nullcontext),
+    )
     module = SimpleNamespace(model=model, tokens_per_step=32, step_stats=SimpleNamespace(last_grad_norm=pre))
     mon = StabilityMonitor(tmp_path, probe_every=1, nr_every=0, probe_batch=2)
     mon.on_before_optimizer_step(trainer, module, opt)
@@ -239,8 +259,9 @@ def test_param_grad_and_update_rms_match_a_manual_adamw_step(tmp_path):
     groups: dict[str, list[str]] = {}
     for n, _ in model.named_parameters():
         parts = n.split(".")
-        groups.setdefault(f"L{parts[1]}" if parts[0] == "blocks" else ("embed" if parts[0] == "embed" else "head"),
-                          []).append(n)
+        groups.setdefault(
+            f"L{parts[1]}" if parts[0] == "blocks" else ("embed" if parts[0] == "embed" else "head"), []
+        ).append(n)
     assert set(groups) == {"embed", "L0", "L1", "head"}
     for g, names in groups.items():
         # AdamW's first step: m_hat = g, v_hat = g^2 -> update = lr * g / (|g| + eps) + lr * wd * p_old.
@@ -259,6 +280,7 @@ def test_param_grad_and_update_rms_match_a_manual_adamw_step(tmp_path):
 
 
 # ---- the spike rule --------------------------------------------------------------------------------
+
 
 def synthetic_loss(n=400, seed=0, spikes=(150, 300)):
     rng = np.random.default_rng(seed)
@@ -305,7 +327,8 @@ def test_device_detector_and_step_stats_agree_with_the_reference():
     assert metrics[160]["stability/spike_score"] == pytest.approx(100 * 1 / 100)  # one spike in the last 100 steps
     assert metrics[400]["stability/spike_score"] == pytest.approx(100 * 1 / 100)  # only step 300 is recent
     assert metrics[10]["train/z_loss"] == 4.0 and metrics[10]["stability/clip_rate"] == pytest.approx(
-        float(np.mean(gnorm[:10] > 1.0)))
+        float(np.mean(gnorm[:10] > 1.0))
+    )
     assert metrics[160]["train/loss_max"] == pytest.approx(float(loss[150:160].max()), rel=1e-6)
     # state survives a checkpoint round trip
     again = StepStats(128, 6.0, 100)
@@ -315,12 +338,12 @@ def test_device_detector_and_step_stats_agree_with_the_reference():
 
 # ---- optim.skip_spikes ------------------------------------------------------------------------------
 
+
 def test_skip_spikes_leaves_parameters_unchanged_on_the_spiking_step(tiny_cfg, tmp_path, monkeypatch):
     import lightning as L
-
-    from data.datamodule import TokenDataModule
-    from train.config import model_config
-    from train.module import LMModule
+    from pelab.data.datamodule import TokenDataModule
+    from pelab.train.config import model_config
+    from pelab.train.module import LMModule
 
     cfg = tiny_cfg("model.n_layer=1", "optim.skip_spikes=true")
     scale_loss(monkeypatch, 30.0, lambda n: n in (9, 10), grad_only=True)  # both micro-batches of step 5
@@ -330,12 +353,27 @@ def test_skip_spikes_leaves_parameters_unchanged_on_the_spiking_step(tiny_cfg, t
         def on_train_batch_end(self, trainer, pl_module, *args):
             snaps[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
 
-    module = LMModule(model_config(cfg), dict(cfg.optim), max_steps=6, tokens_per_step=512, flops_per_token=1.0,
-                      log_every=2, monitor={"enabled": True, "spike_window": 8, "spike_sigma": 6.0})
+    module = LMModule(
+        model_config(cfg),
+        dict(cfg.optim),
+        max_steps=6,
+        tokens_per_step=512,
+        flops_per_token=1.0,
+        log_every=2,
+        monitor={"enabled": True, "spike_window": 8, "spike_sigma": 6.0},
+    )
     dm = TokenDataModule(cfg.data, seq_len=64, micro_batch_size=4, accum_steps=2, seed=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Snap()],
-                        default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Snap()],
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, datamodule=dm)
     assert module.step_stats.skipped == 1 and module.step_stats.loss_spikes == 1
     for k in snaps[4]:

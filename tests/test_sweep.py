@@ -1,5 +1,6 @@
 """Sweeps and SLURM without a cluster: presets, the PE matrix, launcher checks, a local multirun with a
 failing cell, and the signal -> checkpoint -> resume path (the real-Slurm tests are in test_slurm.py)."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,27 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import initialize_config_dir
+from pelab.train import slurm
+from pelab.train.__main__ import plan, run
+from pelab.train.config import CONF_DIR
+from pelab.train.sweep import check_sweep, expand
 
 from tests.conftest import REPO
-from train.config import CONF_DIR
-from train.__main__ import plan, run
-from train import slurm
-from train.sweep import check_sweep, expand
 
-PE_MATRIX = ["rope", "ropepp_eh", "ropepp_ec", "grape_m", "grape_m_ctx", "grape_a_q", "grape_a_k", "grape_a_qk",
-             "grape_ap", "alibi", "fox", "nope"]
+PE_MATRIX = [
+    "rope",
+    "ropepp_eh",
+    "ropepp_ec",
+    "grape_m",
+    "grape_m_ctx",
+    "grape_a_q",
+    "grape_a_k",
+    "grape_a_qk",
+    "grape_ap",
+    "alibi",
+    "fox",
+    "nope",
+]
 
 
 def hydra_cfg(*overrides: str):
@@ -43,11 +56,18 @@ def _env(**extra) -> dict:
 
 
 def _cli(*args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
-                          env=env or _env(), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env or _env(),
+        timeout=timeout,
+    )
 
 
 # ---- presets -------------------------------------------------------------------------------------------
+
 
 def test_experiment_presets_reproduce_the_papers(tmp_path):
     presets = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -56,12 +76,23 @@ def test_experiment_presets_reproduce_the_papers(tmp_path):
         for name, model, micro in (("grape_medium", "gpt_355m", 20), ("grape_large", "gpt_770m", 15)):
             c = hydra_cfg(f"experiment={name}", f"paths.data={tmp_path}")
             assert (c.model.name, c.data.name, c.trainer.seq_len, c.trainer.micro_batch_size) == (
-                model, "fineweb_edu", 4096, micro)
+                model,
+                "fineweb_edu",
+                4096,
+                micro,
+            )
             assert c.trainer.global_batch_tokens == 480 * 4096 and c.trainer.max_steps == 25000
             assert c.trainer.max_steps * c.trainer.global_batch_tokens == pytest.approx(49.2e9, rel=2e-3)
             o = c.optim
             assert (o.lr, o.min_lr, list(o.betas), o.weight_decay, o.warmup_steps, o.grad_clip, o.schedule) == (
-                1e-3, 3e-5, [0.9, 0.95], 0.01, 2000, 1.0, "cosine")
+                1e-3,
+                3e-5,
+                [0.9, 0.95],
+                0.01,
+                2000,
+                1.0,
+                "cosine",
+            )
             assert o.decay_steps == 25000 and c.run_name == f"{name}-rope-s0"
             # the official 8-GPU layout: micro 20 x 3 (medium) / 15 x 4 (large) accumulation
             with_world = c.copy()
@@ -72,14 +103,27 @@ def test_experiment_presets_reproduce_the_papers(tmp_path):
         c = hydra_cfg("experiment=ropepp_776m", "pe=ropepp_eh")
         o = c.optim
         assert (c.model.name, c.model.tie_embeddings, c.trainer.seq_len, c.trainer.global_batch_tokens) == (
-            "gpt_776m", False, 4096, 128 * 4096)
+            "gpt_776m",
+            False,
+            4096,
+            128 * 4096,
+        )
         assert (o.lr, list(o.betas), o.weight_decay, o.warmup_steps, o.schedule, o.decay_steps, o.min_lr) == (
-            5e-4, [0.95, 0.99], 0.1, 500, "wsd", 10000, 0.0)
+            5e-4,
+            [0.95, 0.99],
+            0.1,
+            500,
+            "wsd",
+            10000,
+            0.0,
+        )
         assert c.trainer.max_steps == 100000 and c.run_name == "ropepp_776m-ropepp_eh-s0"
-        from train.schedule import lr_multiplier
+        from pelab.train.schedule import lr_multiplier
 
-        lr = [lr_multiplier(s, schedule="wsd", warmup_steps=500, decay_steps=10000, total_steps=100000, min_ratio=0.0)
-              for s in (0, 499, 500, 50000, 90000, 95000, 100000)]
+        lr = [
+            lr_multiplier(s, schedule="wsd", warmup_steps=500, decay_steps=10000, total_steps=100000, min_ratio=0.0)
+            for s in (0, 499, 500, 50000, 90000, 95000, 100000)
+        ]
         assert lr[0] == pytest.approx(1 / 500) and lr[1:5] == [1.0] * 4
         assert lr[5] == pytest.approx(0.5) and lr[6] == pytest.approx(0.0)
 
@@ -88,6 +132,7 @@ def test_experiment_presets_reproduce_the_papers(tmp_path):
 
 
 # ---- the PE matrix -------------------------------------------------------------------------------------
+
 
 def test_pe_matrix_expands_to_every_pe_cell_and_each_cell_composes():
     assert sorted(PE_MATRIX) == sorted(p.stem for p in (CONF_DIR / "pe").glob("*.yaml"))
@@ -114,26 +159,50 @@ def test_resource_checks_against_sinfo():
     assert cluster.partitions == ["gpu", "cpu"] and cluster.default_partition == "gpu"
     assert [n.gpus for n in cluster.nodes] == [8, 8, 0]
     assert slurm.gpus_in_gres("gpu:a100:4,gpu:2,nvme:1") == 6 and slurm.gpus_in_gres("(null)") == 0
-    ok = dict(partition=None, nodes=2, gpus_per_node=8, tasks_per_node=8, cpus_per_task=8, mem_gb=400,
-              timeout_min=60, signal_delay_s=120)
+    ok = dict(
+        partition=None,
+        nodes=2,
+        gpus_per_node=8,
+        tasks_per_node=8,
+        cpus_per_task=8,
+        mem_gb=400,
+        timeout_min=60,
+        signal_delay_s=120,
+    )
     assert slurm.check_resources(ok, cluster) == []
 
     def problems(**change):
         return " | ".join(slurm.check_resources({**ok, **change}, cluster))
 
     assert "partition 'gpux' does not exist on this cluster; partitions: gpu, cpu (default: gpu)" in problems(
-        partition="gpux")
+        partition="gpux"
+    )
     assert "gpus_per_node=16 is impossible: the nodes of partition gpu have at most 8 GPU(s)" in problems(
-        gpus_per_node=16, tasks_per_node=16, cpus_per_task=1)
-    assert "gpus_per_node=1 is impossible" in problems(partition="cpu", gpus_per_node=1, tasks_per_node=1,
-                                                       cpus_per_task=1, mem_gb=1)
+        gpus_per_node=16, tasks_per_node=16, cpus_per_task=1
+    )
+    assert "gpus_per_node=1 is impossible" in problems(
+        partition="cpu", gpus_per_node=1, tasks_per_node=1, cpus_per_task=1, mem_gb=1
+    )
     assert "tasks_per_node=1 but gpus_per_node=8" in problems(tasks_per_node=1)
     assert "nodes=3 but partition gpu has 2 node(s)" in problems(nodes=3)
     assert "at most 64" in problems(cpus_per_task=16)
     assert "mem_gb=600" in problems(mem_gb=600)
     assert "signal_delay_s=120 is not shorter" in problems(timeout_min=2)
-    assert slurm.check_resources({**ok, "partition": "cpu", "nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2,
-                                  "cpus_per_task": 1, "mem_gb": 1}, cluster) == []
+    assert (
+        slurm.check_resources(
+            {
+                **ok,
+                "partition": "cpu",
+                "nodes": 1,
+                "gpus_per_node": 0,
+                "tasks_per_node": 2,
+                "cpus_per_task": 1,
+                "mem_gb": 1,
+            },
+            cluster,
+        )
+        == []
+    )
 
 
 def test_slurm_sweep_is_checked_before_submission(tmp_path):
@@ -143,8 +212,13 @@ def test_slurm_sweep_is_checked_before_submission(tmp_path):
         cfg = hydra_cfg("hydra/launcher=slurm", "experiment=grape_medium", "pe=rope,alibi", f"paths.data={tmp_path}")
         problems, _ = check_sweep(cfg, expand(cfg), cluster)
         assert len(problems) == 1 and "data:" in problems[0] and "data.prepare" in problems[0]  # shards missing
-        cfg = hydra_cfg("hydra/launcher=slurm", "experiment=grape_medium", "pe=rope", "hydra.launcher.nodes=2",
-                        f"paths.data={tmp_path}")
+        cfg = hydra_cfg(
+            "hydra/launcher=slurm",
+            "experiment=grape_medium",
+            "pe=rope",
+            "hydra.launcher.nodes=2",
+            f"paths.data={tmp_path}",
+        )
         problems, _ = check_sweep(cfg, expand(cfg), cluster)
         assert len(problems) == 1 and "global_batch_tokens=1966080 is not a multiple" in problems[0]  # 16 GPUs
         cfg = hydra_cfg("hydra/launcher=slurm", "experiment=tiny", "pe=rope,typo")
@@ -162,8 +236,16 @@ def test_cli_refuses_a_bad_slurm_sweep_before_submitting(tmp_path, data_root):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}")
-    common = ["-m", "hydra/launcher=slurm", "experiment=tiny", "pe=rope,nope", f"paths.runs={tmp_path}/runs",
-              f"paths.data={data_root}", "hydra.launcher.cpus_per_task=1", "hydra.launcher.tasks_per_node=1"]
+    common = [
+        "-m",
+        "hydra/launcher=slurm",
+        "experiment=tiny",
+        "pe=rope,nope",
+        f"paths.runs={tmp_path}/runs",
+        f"paths.data={data_root}",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.tasks_per_node=1",
+    ]
     r = _cli(*common, "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=0", env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-2000:]
@@ -190,10 +272,17 @@ def test_local_multirun_refuses_in_process_ddp_and_unknown_choices(tmp_path, dat
 
 # ---- a local sweep with a failing cell -----------------------------------------------------------------
 
+
 def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, data_root):
     # The bad cell comes first: the sweep must go on to the other two.
-    r = _cli("-m", "experiment=tiny", "trainer.max_steps=3", "optim.schedule=bogus,cosine,wsd",
-             f"paths.runs={tmp_path}", f"paths.data={data_root}")
+    r = _cli(
+        "-m",
+        "experiment=tiny",
+        "trainer.max_steps=3",
+        "optim.schedule=bogus,cosine,wsd",
+        f"paths.runs={tmp_path}",
+        f"paths.data={data_root}",
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]  # the sweep reports that a cell failed, after running all of them
     (sweep_dir,) = tmp_path.glob("multirun/*")
@@ -213,15 +302,17 @@ def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, data_root):
     assert (sweep_dir / "summary.csv").read_text().count("\n") == 4
     assert "1 of 3 cell(s) did not finish" in out
     # the summary can be rebuilt from the cell dirs at any time
-    s = subprocess.run([sys.executable, "-m", "train.sweep", "summarize", str(sweep_dir)], cwd=REPO,
-                       capture_output=True, text=True)
+    s = subprocess.run(
+        [sys.executable, "-m", "train.sweep", "summarize", str(sweep_dir)], cwd=REPO, capture_output=True, text=True
+    )
     assert s.returncode == 1 and "failed" in s.stdout and s.stdout.count(" ok ") == 2
 
 
 # ---- preemption: signal -> checkpoint at the step boundary -> exact resume -------------------------------
 
+
 def test_preemption_signal_checkpoints_the_step_and_resume_is_exact(tiny_cfg, tmp_path, monkeypatch):
-    from train.module import LMModule
+    from pelab.train.module import LMModule
 
     real_step = LMModule.training_step
 
@@ -253,6 +344,7 @@ def test_preemption_signal_checkpoints_the_step_and_resume_is_exact(tiny_cfg, tm
 
 # ---- SLURM environment handling (env vars only) ----------------------------------------------------------
 
+
 @pytest.fixture
 def slurm_env(monkeypatch, tmp_path):
     for k in list(os.environ):
@@ -261,12 +353,20 @@ def slurm_env(monkeypatch, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "scontrol.log"
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    for k, v in dict(SLURM_JOB_ID="77", SLURM_NTASKS="4", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="2",
-                     SLURM_PROCID="0", SLURM_JOB_NAME="pelab", SLURM_NODELIST="n[1-2]", SLURM_LOCALID="0",
-                     SLURM_NODEID="0").items():
+    for k, v in dict(
+        SLURM_JOB_ID="77",
+        SLURM_NTASKS="4",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_NNODES="2",
+        SLURM_PROCID="0",
+        SLURM_JOB_NAME="pelab",
+        SLURM_NODELIST="n[1-2]",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+    ).items():
         monkeypatch.setenv(k, v)
     return log
 
@@ -303,10 +403,22 @@ def test_requeue_is_bounded(slurm_env, tmp_path, monkeypatch):
 def test_sbatch_template_and_its_check(tmp_path):
     script = REPO / "slurm" / "train.sbatch"
     text = script.read_text()
-    for line in ("#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue", "#SBATCH --open-mode=append",
-                 "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "srun "):
+    for line in (
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "srun ",
+    ):
         assert line in text
     req = slurm.sbatch_request(script, ["--nodes=2", "-p", "gpu", "--time=1-12:00:00"], env={})
-    assert req == {"nodes": "2", "tasks_per_node": "8", "gpus_per_node": "8", "cpus_per_task": "8",
-                   "partition": "gpu", "timeout_min": 2160}
+    assert req == {
+        "nodes": "2",
+        "tasks_per_node": "8",
+        "gpus_per_node": "8",
+        "cpus_per_task": "8",
+        "partition": "gpu",
+        "timeout_min": 2160,
+    }
     assert slurm._minutes("90") == 90 and slurm._minutes("2:00:00") == 120

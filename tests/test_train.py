@@ -1,5 +1,6 @@
 """End-to-end training on the embedded data: loss falls, outputs are complete, resume is exact,
 and bad input stops early with one clear message."""
+
 from __future__ import annotations
 
 import csv
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pelab.train.__main__ import ConfigError, run
 
 from tests.conftest import REPO, TINY, scale_loss
-from train.__main__ import ConfigError, run
 
 
 def _params(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -41,7 +42,10 @@ def test_short_run_learns_and_writes_its_outputs(tiny_cfg, tmp_path):
     assert saved["val_loss"] == pytest.approx(float(rows[-1]["val/loss"]))
     assert saved["val_loss"] < 10.0 and saved["params"] > 0 and saved["tokens_per_s"] > 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == [
-        "last.ckpt", "step-00000015.ckpt", "step-00000020.ckpt"]  # keep_checkpoints=2
+        "last.ckpt",
+        "step-00000015.ckpt",
+        "step-00000020.ckpt",
+    ]  # keep_checkpoints=2
 
 
 def test_resume_is_bit_exact(tiny_cfg, tmp_path):
@@ -64,7 +68,9 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path):
 def test_bad_config_is_reported_before_training(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.seq_len=8192 is longer than model.max_seq_len=4096"):
         run(tiny_cfg("trainer.seq_len=8192"), tmp_path)
-    with pytest.raises(ConfigError, match=r"global_batch_tokens=1000 is not a multiple .* e.g. trainer.global_batch_tokens=1024"):
+    with pytest.raises(
+        ConfigError, match=r"global_batch_tokens=1000 is not a multiple .* e.g. trainer.global_batch_tokens=1024"
+    ):
         run(tiny_cfg("trainer.global_batch_tokens=1000"), tmp_path)
     with pytest.raises(ConfigError, match="resume=true but"):
         run(tiny_cfg("resume=true"), tmp_path)
@@ -82,7 +88,7 @@ def test_existing_run_dir_is_not_silently_reused(tiny_cfg, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-    from train.module import NonFiniteLoss
+    from pelab.train.module import NonFiniteLoss
 
     scale_loss(monkeypatch, float("nan"), lambda n: n > 2 * 6)  # from step 7 on (2 micro-batches per step)
     with pytest.raises(NonFiniteLoss, match="non-finite loss"):
@@ -99,15 +105,33 @@ def test_nonfinite_loss_can_skip_the_step(tiny_cfg, tmp_path, monkeypatch):
 
 
 def test_unknown_choice_is_one_clear_error(data_root):
-    r = subprocess.run([sys.executable, "-m", "train", "pe=rope_typo", f"paths.data={data_root}"], cwd=REPO,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "train", "pe=rope_typo", f"paths.data={data_root}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0
     assert "Could not find 'pe/rope_typo'" in r.stderr and "Available options in 'pe'" in r.stderr
 
 
 def test_cli_multirun_two_cells(data_root, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "train", "-m", "pe=rope,nope", "trainer.max_steps=3", *TINY,
-                        f"paths.data={data_root}", f"paths.runs={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "-m",
+            "pe=rope,nope",
+            "trainer.max_steps=3",
+            *TINY,
+            f"paths.data={data_root}",
+            f"paths.runs={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summaries = sorted(tmp_path.glob("multirun/*/*/summary.json"))
     assert len(summaries) == 2

@@ -4,15 +4,15 @@ The run directory (`runs/<model>-<pe>-<data>-s<seed>` by default) holds config.y
 checkpoints/, loss.png and summary.json. Rerunning the same command continues from
 checkpoints/last.ckpt.
 """
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 import hydra
+import pelab.train.config  # noqa: F401  (registers resolvers before Hydra composes)
 from omegaconf import DictConfig, OmegaConf
-
-import train.config  # noqa: F401  (registers resolvers before Hydra composes)
 
 log = logging.getLogger("pelab")
 
@@ -27,21 +27,26 @@ def _resolve_auto(value, gpu_value, cpu_value, has_gpu: bool):
 
 def plan(cfg: DictConfig) -> dict:
     """Derived sizes, checked before any model or data work."""
-    from train.strategy import world_size
+    from pelab.train.strategy import world_size
 
     t = cfg.trainer
     world = world_size(t)  # devices x num_nodes, "auto"/-1 = all GPUs; torchrun's / srun's world when launched so
     per_micro = int(t.micro_batch_size) * int(t.seq_len) * world
     if t.seq_len <= 0 or t.micro_batch_size <= 0:
-        raise ConfigError(f"trainer.seq_len ({t.seq_len}) and trainer.micro_batch_size ({t.micro_batch_size}) must be positive")
+        raise ConfigError(
+            f"trainer.seq_len ({t.seq_len}) and trainer.micro_batch_size ({t.micro_batch_size}) must be positive"
+        )
     if t.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"trainer.seq_len={t.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
-                          f"lower trainer.seq_len or set model.max_seq_len={t.seq_len}")
+        raise ConfigError(
+            f"trainer.seq_len={t.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
+            f"lower trainer.seq_len or set model.max_seq_len={t.seq_len}"
+        )
     if t.global_batch_tokens % per_micro:
         raise ConfigError(
             f"trainer.global_batch_tokens={t.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
             f"devices = {t.micro_batch_size} x {t.seq_len} x {world} = {per_micro}; choose e.g. "
-            f"trainer.global_batch_tokens={max(1, round(t.global_batch_tokens / per_micro)) * per_micro}")
+            f"trainer.global_batch_tokens={max(1, round(t.global_batch_tokens / per_micro)) * per_micro}"
+        )
     if cfg.trainer.max_steps <= 0:
         raise ConfigError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
     return {"world": world, "accum": t.global_batch_tokens // per_micro, "tokens_per_step": int(t.global_batch_tokens)}
@@ -62,14 +67,18 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     if not last.exists():
         return None
     if mode == "false":
-        raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.ckpt); use resume=auto to continue it, "
-                          f"another run_name=..., or delete the directory")
+        raise ConfigError(
+            f"{run_dir} already holds a run (checkpoints/last.ckpt); use resume=auto to continue it, "
+            f"another run_name=..., or delete the directory"
+        )
     saved_cfg = run_dir / "config.yaml"
     if saved_cfg.exists():
         diff = _same_experiment(OmegaConf.load(saved_cfg), cfg)
         if diff:
-            raise ConfigError(f"{run_dir} holds a run with different {', '.join(diff)}; continue it with the same "
-                              f"settings, or choose another run_name=...")
+            raise ConfigError(
+                f"{run_dir} holds a run with different {', '.join(diff)}; continue it with the same "
+                f"settings, or choose another run_name=..."
+            )
     return last
 
 
@@ -77,19 +86,19 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
     """Train one cell; returns the summary dict (also written to <run_dir>/summary.json)."""
     import lightning as L
     import torch
-
-    from data.datamodule import TokenDataModule
-    from data.shards import atomic_write
-    from models.inspect import describe
-    from train.callbacks import AtomicCheckpointIO, LoggerBridge, MetricsCSV, PeriodicCheckpoint, write_summary
-    from train.config import model_config
-    from train.loggers import build_loggers, finish_wandb
-    from train.module import LMModule
-    from train.strategy import build as build_strategy, resume_format_problem
-    from train.report import plot_runs
-    from train.stability import monitor_callbacks
-    from train.eval.callback import periodic_eval_callbacks
-    from train.slurm import RequeueOnSignal, apply_slurm_world, cluster_plugins, preemption_signals
+    from pelab.data.datamodule import TokenDataModule
+    from pelab.data.shards import atomic_write
+    from pelab.models.inspect import describe
+    from pelab.train.callbacks import AtomicCheckpointIO, LoggerBridge, MetricsCSV, PeriodicCheckpoint, write_summary
+    from pelab.train.config import model_config
+    from pelab.train.eval.callback import periodic_eval_callbacks
+    from pelab.train.loggers import build_loggers, finish_wandb
+    from pelab.train.module import LMModule
+    from pelab.train.report import plot_runs
+    from pelab.train.slurm import RequeueOnSignal, apply_slurm_world, cluster_plugins, preemption_signals
+    from pelab.train.stability import monitor_callbacks
+    from pelab.train.strategy import build as build_strategy
+    from pelab.train.strategy import resume_format_problem
 
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
@@ -115,76 +124,126 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
     strategy, strategy_name = build_strategy(cfg, sizes["world"], cell["total_params"], precision)
     if ckpt is not None and resume_format_problem(ckpt, strategy_name):
         raise ConfigError(resume_format_problem(ckpt, strategy_name))
-    datamodule = TokenDataModule(cfg.data, seq_len=cfg.trainer.seq_len, micro_batch_size=cfg.trainer.micro_batch_size,
-                                 accum_steps=sizes["accum"], seed=cfg.seed)
-    module = LMModule(model_cfg, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps,
-                      tokens_per_step=sizes["tokens_per_step"], flops_per_token=cell["flops_per_token"],
-                      compile=compile_model, log_every=cfg.trainer.log_every,
-                      stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
-                      monitor=OmegaConf.to_container(cfg.monitor, resolve=True) if "monitor" in cfg else None)
+    datamodule = TokenDataModule(
+        cfg.data,
+        seq_len=cfg.trainer.seq_len,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        accum_steps=sizes["accum"],
+        seed=cfg.seed,
+    )
+    module = LMModule(
+        model_cfg,
+        OmegaConf.to_container(cfg.optim, resolve=True),
+        max_steps=cfg.trainer.max_steps,
+        tokens_per_step=sizes["tokens_per_step"],
+        flops_per_token=cell["flops_per_token"],
+        compile=compile_model,
+        log_every=cfg.trainer.log_every,
+        stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
+        monitor=OmegaConf.to_container(cfg.monitor, resolve=True) if "monitor" in cfg else None,
+    )
     if ckpt is None and cfg.get("init_from"):  # continued training from another run's weights
-        from train.eval.checkpoint import init_from
+        from pelab.train.eval.checkpoint import init_from
 
         for note in init_from(module.model, cfg.init_from, OmegaConf.to_container(cfg.pe, resolve=True)):
             log.info("init_from %s: %s", cfg.init_from, note)
     metrics_csv = MetricsCSV(run_dir / "metrics.csv")
     periodic = PeriodicCheckpoint(run_dir / "checkpoints", cfg.trainer.ckpt_every, cfg.trainer.keep_checkpoints)
     # SLURM pre-timeout / preemption signal: last.ckpt at the step boundary, then Preempted (main() requeues).
-    requeue = RequeueOnSignal(preemption_signals(cfg.get("preemption", {}).get("signal", "SIGUSR1")), periodic.save,
-                              run_dir, already_saved=lambda tr, step: periodic.every > 0 and (
-                                  step % periodic.every == 0 or step >= tr.max_steps))
+    requeue = RequeueOnSignal(
+        preemption_signals(cfg.get("preemption", {}).get("signal", "SIGUSR1")),
+        periodic.save,
+        run_dir,
+        already_saved=lambda tr, step: periodic.every > 0 and (step % periodic.every == 0 or step >= tr.max_steps),
+    )
     trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        strategy=strategy, precision=precision, max_steps=cfg.trainer.max_steps,
-        val_check_interval=cfg.trainer.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        log_every_n_steps=cfg.trainer.log_every, enable_checkpointing=False, logger=build_loggers(cfg, run_dir) or False,
-        callbacks=[metrics_csv, LoggerBridge(), periodic, requeue, *monitor_callbacks(cfg, run_dir),
-                   *periodic_eval_callbacks(cfg)],
-        plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir), use_distributed_sampler=False,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        max_steps=cfg.trainer.max_steps,
+        val_check_interval=cfg.trainer.val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=cfg.trainer.log_every,
+        enable_checkpointing=False,
+        logger=build_loggers(cfg, run_dir) or False,
+        callbacks=[
+            metrics_csv,
+            LoggerBridge(),
+            periodic,
+            requeue,
+            *monitor_callbacks(cfg, run_dir),
+            *periodic_eval_callbacks(cfg),
+        ],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,
         enable_model_summary=False,
     )
-    log.info("%s | %s params | %d tokens/step (accumulation %d) | precision %s | compile %s | %d process(es), %s",
-             cfg.run_name, f"{cell['total_params']:,}", sizes["tokens_per_step"], sizes["accum"], precision, compile_model,
-             sizes["world"], strategy_name)
+    log.info(
+        "%s | %s params | %d tokens/step (accumulation %d) | precision %s | compile %s | %d process(es), %s",
+        cfg.run_name,
+        f"{cell['total_params']:,}",
+        sizes["tokens_per_step"],
+        sizes["accum"],
+        precision,
+        compile_model,
+        sizes["world"],
+        strategy_name,
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     last_val_step = max((s for s, r in metrics_csv.rows.items() if "val/loss" in r), default=-1)
     if last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    from models.kernels import kernels_used
+    from pelab.models.kernels import kernels_used
 
     rows = [metrics_csv.rows[s] for s in sorted(metrics_csv.rows)]
     last_train = next((r for r in reversed(rows) if "train/loss" in r), {})
     tps = [float(r["tokens_per_s"]) for r in rows if "tokens_per_s" in r]
     summary = {
-        "run_name": cfg.run_name, "run_dir": str(run_dir), "model": cfg.model.name, "pe": cfg.pe.name,
-        "kv_shift": bool(cfg.kv_shift), "data": cfg.data.name, "seed": cfg.seed,
-        "params": cell["total_params"], "steps": trainer.global_step,
+        "run_name": cfg.run_name,
+        "run_dir": str(run_dir),
+        "model": cfg.model.name,
+        "pe": cfg.pe.name,
+        "kv_shift": bool(cfg.kv_shift),
+        "data": cfg.data.name,
+        "seed": cfg.seed,
+        "params": cell["total_params"],
+        "steps": trainer.global_step,
         "tokens": trainer.global_step * sizes["tokens_per_step"],
         "train_loss": float(last_train["train/loss"]) if last_train else None,
         "val_loss": module.val_loss,
         "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
         "tokens_per_s_per_gpu": sorted(tps)[len(tps) // 2] / sizes["world"] if tps else None,
-        "world_size": sizes["world"], "strategy": strategy_name, "accumulation": sizes["accum"],
-        "attention_kernels": kernels_used(), "precision": precision, "compile": compile_model,
+        "world_size": sizes["world"],
+        "strategy": strategy_name,
+        "accumulation": sizes["accum"],
+        "attention_kernels": kernels_used(),
+        "precision": precision,
+        "compile": compile_model,
         "spikes": module.step_stats.spikes if module.step_stats is not None else None,
     }
     if trainer.global_rank == 0:
         write_summary(run_dir / "summary.json", summary)
         plot_runs([run_dir], run_dir / "loss.png")
-        print(f"\nrun dir   {run_dir}\n"
-              f"metrics   {run_dir / 'metrics.csv'}\nplot      {run_dir / 'loss.png'}\n"
-              f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}\nsummary   {run_dir / 'summary.json'}\n"
-              f"final     train/loss {summary['train_loss']:.4f}  val/loss {summary['val_loss']:.4f}  "
-              f"({summary['steps']} steps, {summary['tokens']:,} tokens)")
+        print(
+            f"\nrun dir   {run_dir}\n"
+            f"metrics   {run_dir / 'metrics.csv'}\nplot      {run_dir / 'loss.png'}\n"
+            f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}\nsummary   {run_dir / 'summary.json'}\n"
+            f"final     train/loss {summary['train_loss']:.4f}  val/loss {summary['val_loss']:.4f}  "
+            f"({summary['steps']} steps, {summary['tokens']:,} tokens)"
+        )
     finish_wandb(trainer, summary)  # one W&B run per job: close it (a multirun's next cell opens its own)
     return summary
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from train.slurm import Preempted, requeue_after
-    from train.sweep import in_multirun, record_cell
+    from pelab.train.slurm import Preempted, requeue_after
+    from pelab.train.sweep import in_multirun, record_cell
 
     multirun = in_multirun()
     try:

@@ -1,4 +1,5 @@
 """Callbacks: metrics.csv, periodic atomic checkpoints, and the end-of-run summary."""
+
 from __future__ import annotations
 
 import csv
@@ -94,7 +95,7 @@ class LoggerBridge(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.last_metrics is not None:
-            from train.stability import grouped  # W&B gets the grouped names only (lr -> train/lr, ...)
+            from pelab.train.stability import grouped  # W&B gets the grouped names only (lr -> train/lr, ...)
 
             for logger in trainer.loggers:
                 logger.log_metrics(grouped(pl_module.last_metrics), step=trainer.global_step)
@@ -102,8 +103,10 @@ class LoggerBridge(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         if pl_module.val_loss is not None and not trainer.sanity_checking:
             for logger in trainer.loggers:
-                logger.log_metrics({"val/loss": pl_module.val_loss,
-                                    "tokens": trainer.global_step * pl_module.tokens_per_step}, step=trainer.global_step)
+                logger.log_metrics(
+                    {"val/loss": pl_module.val_loss, "tokens": trainer.global_step * pl_module.tokens_per_step},
+                    step=trainer.global_step,
+                )
 
 
 class PeriodicCheckpoint(L.Callback):
@@ -138,9 +141,10 @@ class PeriodicCheckpoint(L.Callback):
         trainer.strategy.barrier()
         if trainer.global_rank == 0:
             self._point_last(path, last)
-            for old in sorted(self.dir.glob("step-*.ckpt"))[:-self.keep]:
+            for old in sorted(self.dir.glob("step-*.ckpt"))[: -self.keep]:
                 if old.is_dir() and not old.is_symlink():
                     import shutil
+
                     shutil.rmtree(old)
                 else:
                     old.unlink()
@@ -151,7 +155,8 @@ class PeriodicCheckpoint(L.Callback):
         tmp = last.with_name("last.ckpt.tmp")
         tmp.unlink(missing_ok=True)
         if path.is_dir():  # sharded checkpoint directory: a relative link (survives moving the run dir)
-            from train.strategy import replace_dir
+            from pelab.train.strategy import replace_dir
+
             os.symlink(path.name, tmp)
             replace_dir(tmp, last)
             return
@@ -159,6 +164,7 @@ class PeriodicCheckpoint(L.Callback):
             os.link(path, tmp)
         except OSError:  # no hard links (some network filesystems): copy
             import shutil
+
             shutil.copyfile(path, tmp)
         os.replace(tmp, last)
 

@@ -1,12 +1,12 @@
 """Config helpers shared by every command line: resolvers, composition, and the model config."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-from models.config import GPTConfig
+from pelab.models.config import GPTConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -18,7 +18,7 @@ def short_dirname(name: str, limit: int = 200) -> str:
 
     if len(name.encode()) <= limit:
         return name
-    return name.encode()[:limit - 9].decode(errors="ignore") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name.encode()[: limit - 9].decode(errors="ignore") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
 
 def register_resolvers() -> None:
@@ -31,7 +31,8 @@ register_resolvers()
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """The config `python -m train <overrides>` would see (without Hydra's runtime keys)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
@@ -45,14 +46,16 @@ def to_dict(node: Any) -> Any:
 
 def vocab_size(cfg: DictConfig) -> int:
     """Model vocabulary: `model.vocab_size` when set, else the configured tokenizer's."""
-    from data.tokenizer import tokenizer_from_cfg
+    from pelab.data.tokenizer import tokenizer_from_cfg
 
     tok = cfg.data.tokenizer
     tokenizer_vocab = tokenizer_from_cfg(tok).vocab_size
     requested = cfg.model.get("vocab_size")
     if requested and int(requested) < tokenizer_vocab:
-        raise ValueError(f"model.vocab_size={requested} is smaller than the {tok.name} tokenizer's {tokenizer_vocab} "
-                         f"tokens; drop model.vocab_size (it defaults to the tokenizer's) or pick a matching tokenizer")
+        raise ValueError(
+            f"model.vocab_size={requested} is smaller than the {tok.name} tokenizer's {tokenizer_vocab} "
+            f"tokens; drop model.vocab_size (it defaults to the tokenizer's) or pick a matching tokenizer"
+        )
     return int(requested or tokenizer_vocab)
 
 
@@ -65,7 +68,7 @@ def model_config(cfg: DictConfig) -> GPTConfig:
     if backend:
         d["attention_backend"] = backend
     if d.get("document_mask") and d.get("eot_id") is None:  # documents begin with the tokenizer's eot
-        from data.tokenizer import tokenizer_from_cfg
+        from pelab.data.tokenizer import tokenizer_from_cfg
 
         d["eot_id"] = tokenizer_from_cfg(cfg.data.tokenizer).eot_id
     return GPTConfig.from_dict(d)

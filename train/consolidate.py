@@ -19,6 +19,7 @@ link, which is then replaced by the single file (the step directories stay).
 Tensors are loaded at their saved precision (fp32 parameters and moments) on the CPU: the host
 needs about 16 bytes per parameter of memory (12 GB for gpt_770m).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,21 @@ import torch
 
 def load_sharded(path: str | Path) -> dict:
     """The full Lightning checkpoint dict of a sharded (DCP) checkpoint directory."""
+    from pelab.train.strategy import is_sharded_checkpoint
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from train.strategy import is_sharded_checkpoint
-
     path = Path(path)
     if not is_sharded_checkpoint(path):
-        raise ValueError(f"{path} is not a sharded checkpoint directory (expected meta.pt and DCP shard files); "
-                         f"a single-file checkpoint needs no consolidation")
+        raise ValueError(
+            f"{path} is not a sharded checkpoint directory (expected meta.pt and DCP shard files); "
+            f"a single-file checkpoint needs no consolidation"
+        )
     state: dict = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    _load_state_dict(
+        state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+    )
     checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = {k: _plain(v) for k, v in state.pop("model").items()}
     optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
@@ -66,8 +69,8 @@ def _optimizer_state(osd: dict) -> dict:
 
 def consolidate(src: str | Path, out: str | Path) -> dict:
     """Write the single-file checkpoint of sharded checkpoint `src` to `out`; returns a summary."""
-    from train.callbacks import AtomicCheckpointIO
-    from train.strategy import replace_dir
+    from pelab.train.callbacks import AtomicCheckpointIO
+    from pelab.train.strategy import replace_dir
 
     checkpoint = load_sharded(src)
     out = Path(out)
@@ -76,8 +79,14 @@ def consolidate(src: str | Path, out: str | Path) -> dict:
     AtomicCheckpointIO().save_checkpoint(checkpoint, tmp)
     replace_dir(tmp, out)  # also replaces a `last.ckpt` symlink or directory
     n = sum(t.numel() for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor))
-    return {"src": str(src), "out": str(out), "global_step": checkpoint.get("global_step"), "tensors": len(checkpoint["state_dict"]),
-            "numel": n, "optimizers": len(checkpoint["optimizer_states"])}
+    return {
+        "src": str(src),
+        "out": str(out),
+        "global_step": checkpoint.get("global_step"),
+        "tensors": len(checkpoint["state_dict"]),
+        "numel": n,
+        "optimizers": len(checkpoint["optimizer_states"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"wrote {info['out']}: step {info['global_step']}, {info['tensors']} tensors ({info['numel']:,} values), "
-          f"{info['optimizers']} optimizer state(s)")
+    print(
+        f"wrote {info['out']}: step {info['global_step']}, {info['tensors']} tensors ({info['numel']:,} values), "
+        f"{info['optimizers']} optimizer state(s)"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the Hydra `experiment=` choice, else the Hydra multirun directory name); name
 same run (`resume="allow"`).
 Without an API key it logs offline to `<run_dir>/wandb/offline-run-*` (upload with `wandb sync`).
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,11 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
     mode = wandb_mode(cfg.logger.mode)
     if mode == "offline":
-        log.warning("W&B: no API key found, logging offline to %s/wandb; upload later with `wandb sync %s/wandb/offline-run-*`",
-                    run_dir, run_dir)
+        log.warning(
+            "W&B: no API key found, logging offline to %s/wandb; upload later with `wandb sync %s/wandb/offline-run-*`",
+            run_dir,
+            run_dir,
+        )
     # The run id lives in the run dir so a resumed or requeued job continues the same W&B run.
     id_file = run_dir / "wandb_id.txt"
     if id_file.exists():
@@ -102,12 +106,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         group = group_file.read_text().strip() or None
     elif group is not None and not group_file.exists():
         group_file.write_text(group + "\n")
-    return [WandbLogger(
-        project=cfg.logger.project, entity=cfg.logger.entity, group=group, name=run_display_name(cfg),
-        tags=[f"model:{cfg.model.name}", f"pe:{cfg.pe.name}", f"data:{cfg.data.name}", *cfg.logger.tags],
-        id=run_id, resume="allow", save_dir=str(run_dir), mode=mode,
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )]
+    return [
+        WandbLogger(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=group,
+            name=run_display_name(cfg),
+            tags=[f"model:{cfg.model.name}", f"pe:{cfg.pe.name}", f"data:{cfg.data.name}", *cfg.logger.tags],
+            id=run_id,
+            resume="allow",
+            save_dir=str(run_dir),
+            mode=mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    ]
 
 
 def _wandb_loggers(loggers) -> list:
@@ -121,7 +133,7 @@ class WandbRun(L.Callback):
     training dies, so the next run in the same process (a Hydra multirun) gets its own."""
 
     def on_fit_start(self, trainer, pl_module):
-        from train.stability import SECTIONS
+        from pelab.train.stability import SECTIONS
 
         for lg in _wandb_loggers(trainer.loggers):
             exp = lg.experiment
@@ -160,16 +172,27 @@ def log_offset_curves(loggers, doc: dict) -> None:
 
     offsets = doc["offsets"]
     layers = doc["layers"]
-    plot = wandb.plot.line_series(xs=offsets, ys=[layer["offset_mean"] for layer in layers],
-                                  keys=[f"L{i}" for i in range(len(layers))], xname="offset i-j",
-                                  title=f"mean pre-softmax score by offset (step {doc['step']})")
+    plot = wandb.plot.line_series(
+        xs=offsets,
+        ys=[layer["offset_mean"] for layer in layers],
+        keys=[f"L{i}" for i in range(len(layers))],
+        xname="offset i-j",
+        title=f"mean pre-softmax score by offset (step {doc['step']})",
+    )
     table = wandb.Table(columns=["layer", "nr"], data=[[i, layer["nr"]] for i, layer in enumerate(layers)])
     for lg in wl:
-        lg.experiment.log({"attn/offset_curve": plot, "attn/nr_table": table, "tokens": doc["tokens"],
-                           "trainer/global_step": doc["step"]})
+        lg.experiment.log(
+            {
+                "attn/offset_curve": plot,
+                "attn/nr_table": table,
+                "tokens": doc["tokens"],
+                "trainer/global_step": doc["step"],
+            }
+        )
 
 
 # ---- reading an offline run back (tests, and `train.report` on runs that were never synced) --------
+
 
 def read_wandb_records(path: Path) -> list:
     """Protobuf records of a W&B transaction log (`run-<id>.wandb`): a 7-byte header (":W&B", magic,
@@ -185,8 +208,8 @@ def read_wandb_records(path: Path) -> list:
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 1:
             out.append(chunk)
@@ -214,14 +237,21 @@ def read_wandb_offline(run_dir: Path) -> dict:
             for r in read_wandb_records(f):
                 kind = r.WhichOneof("record_type")
                 if kind == "run":
-                    info.update(id=r.run.run_id, group=r.run.run_group, name=r.run.display_name,
-                                project=r.run.project, tags=list(r.run.tags))
+                    info.update(
+                        id=r.run.run_id,
+                        group=r.run.run_group,
+                        name=r.run.display_name,
+                        project=r.run.project,
+                        tags=list(r.run.tags),
+                    )
                     for item in r.run.config.update:
                         info["config"][item.key] = json.loads(item.value_json)
                 elif kind == "history":
-                    info["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                            for item in r.history.item})
+                    info["history"].append(
+                        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+                    )
                 elif kind == "metric":
-                    info["metrics"].append({"name": r.metric.name, "glob": r.metric.glob_name,
-                                            "step_metric": r.metric.step_metric})
+                    info["metrics"].append(
+                        {"name": r.metric.name, "glob": r.metric.glob_name, "step_metric": r.metric.step_metric}
+                    )
     return info

@@ -4,6 +4,7 @@ Manual optimization keeps the step explicit: micro-batch losses are divided by t
 count (the GRAPE/T6 trainers forget this), the pre-clip global grad norm stays on the device, and
 host syncs happen only at logging steps.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,11 +15,10 @@ from functools import partial
 import lightning as L
 import numpy as np
 import torch
-
-from models.attention import RMSNorm
-from models.config import GPTConfig
-from models.gpt import GPT
-from train.schedule import lr_multiplier
+from pelab.models.attention import RMSNorm
+from pelab.models.config import GPTConfig
+from pelab.models.gpt import GPT
+from pelab.train.schedule import lr_multiplier
 
 # Dense bf16 peak FLOP/s by device name fragment (MFU denominators; torchtitan's table).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -54,9 +54,19 @@ class TrainGPT(GPT):
 
 
 class LMModule(L.LightningModule):
-    def __init__(self, model_cfg: GPTConfig, optim: dict, *, max_steps: int, tokens_per_step: int,
-                 flops_per_token: float, compile: bool = False, log_every: int = 10,
-                 stop_on_nonfinite: bool = True, monitor: dict | None = None):
+    def __init__(
+        self,
+        model_cfg: GPTConfig,
+        optim: dict,
+        *,
+        max_steps: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        compile: bool = False,
+        log_every: int = 10,
+        stop_on_nonfinite: bool = True,
+        monitor: dict | None = None,
+    ):
         super().__init__()
         self.automatic_optimization = False
         self.model_cfg = model_cfg
@@ -75,12 +85,15 @@ class LMModule(L.LightningModule):
         self._t_last = None
         self._step_last = 0
         # Stability monitoring (train/stability.py): per-step device stats, spike rule, optim.skip_spikes.
-        from train.stability import StepStats
+        from pelab.train.stability import StepStats
 
         mon = dict(monitor or {"enabled": False})
         self.skip_spikes = bool(self.optim_cfg.get("skip_spikes", False))
-        self.step_stats = StepStats(mon.get("spike_window", 128), mon.get("spike_sigma", 6.0),
-                                    mon.get("spike_score_window", 10000)) if mon.get("enabled") or self.skip_spikes else None
+        self.step_stats = (
+            StepStats(mon.get("spike_window", 128), mon.get("spike_sigma", 6.0), mon.get("spike_score_window", 10000))
+            if mon.get("enabled") or self.skip_spikes
+            else None
+        )
         self._t_batch_end, self._data_wait = None, 0.0  # host time waiting for the next batch
 
     # ---- setup ------------------------------------------------------------------------------
@@ -101,8 +114,14 @@ class LMModule(L.LightningModule):
         fused = self.device.type == "cuda" or next(self.model.parameters()).is_cuda
         opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused or None)
         decay_steps = o.get("decay_steps") or self.max_steps
-        fn = partial(lr_multiplier, schedule=o["schedule"], warmup_steps=o["warmup_steps"], decay_steps=decay_steps,
-                     total_steps=self.max_steps, min_ratio=o["min_lr"] / o["lr"])
+        fn = partial(
+            lr_multiplier,
+            schedule=o["schedule"],
+            warmup_steps=o["warmup_steps"],
+            decay_steps=decay_steps,
+            total_steps=self.max_steps,
+            min_ratio=o["min_lr"] / o["lr"],
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -177,13 +196,21 @@ class LMModule(L.LightningModule):
         tps, timing = None, {}
         if self._t_last is not None and step > self._step_last:
             tps = (step - self._step_last) * self.tokens_per_step / (now - self._t_last)
-            timing = {"throughput/step_time_s": (now - self._t_last) / (step - self._step_last),
-                      "throughput/data_wait": self._data_wait / (now - self._t_last)}
+            timing = {
+                "throughput/step_time_s": (now - self._t_last) / (step - self._step_last),
+                "throughput/data_wait": self._data_wait / (now - self._t_last),
+            }
         self._t_last, self._step_last, self._data_wait = now, step, 0.0
         world = self.trainer.world_size
         gn = float(grad_norm)
-        m = {"train/loss": float(loss), "train/lse": float(lse), "lr": lr, "grad_norm": gn,
-             "grad_clipped": float(gn > clip), "tokens": step * self.tokens_per_step}
+        m = {
+            "train/loss": float(loss),
+            "train/lse": float(lse),
+            "lr": lr,
+            "grad_norm": gn,
+            "grad_clipped": float(gn > clip),
+            "tokens": step * self.tokens_per_step,
+        }
         if tps is not None:
             # tokens_per_s: all GPUs together; mfu: model FLOPs / (peak x GPUs), i.e. the mean per GPU.
             m["tokens_per_s"] = tps
@@ -205,7 +232,8 @@ class LMModule(L.LightningModule):
             raise NonFiniteLoss(
                 f"non-finite loss or gradient at or before step {self.global_step}. The last good checkpoint "
                 f"is kept in checkpoints/. Fixes: lower optim.lr, raise optim.warmup_steps, set optim.z_loss, "
-                f"or trainer.stop_on_nonfinite=false to skip such steps.")
+                f"or trainer.stop_on_nonfinite=false to skip such steps."
+            )
 
     def on_train_batch_start(self, batch, batch_idx):
         now = time.perf_counter()
@@ -224,7 +252,12 @@ class LMModule(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         out = self.model(batch[:, :-1], batch[:, 1:])
-        self._val_sum += torch.stack([out["loss"].detach() * batch.shape[0], torch.tensor(batch.shape[0], device=self.device, dtype=torch.float32)])
+        self._val_sum += torch.stack(
+            [
+                out["loss"].detach() * batch.shape[0],
+                torch.tensor(batch.shape[0], device=self.device, dtype=torch.float32),
+            ]
+        )
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
@@ -238,8 +271,12 @@ class LMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never write a checkpoint of a diverged model
         checkpoint["pelab"] = {
-            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state_to_list(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": _numpy_state_to_list(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
             "model_cfg": self.model_cfg.__dict__.copy(),
             "tokens_per_step": self.tokens_per_step,
         }

@@ -9,6 +9,7 @@ the output directory:
   report.json      the same rows, machine-readable
 One line per run, labelled `{model}-{pe}-s{seed}`; x is tokens on a log scale.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ class Run:
 
 
 # ---- reading ---------------------------------------------------------------------------------------
+
 
 def _read_csv(path: Path) -> list[dict[str, float]]:
     if not path.exists():
@@ -79,12 +81,18 @@ def _meta_from_config(cfg: dict) -> dict:
                 return default
         return node
 
-    return {"model": get("model.name", "?"), "pe": get("pe.name", "?"), "seed": get("seed", "?"),
-            "data": get("data.name", "?"), "kv_shift": bool(get("kv_shift", False))}
+    return {
+        "model": get("model.name", "?"),
+        "pe": get("pe.name", "?"),
+        "seed": get("seed", "?"),
+        "data": get("data.name", "?"),
+        "kv_shift": bool(get("kv_shift", False)),
+    }
 
 
 def label_of(meta: dict) -> str:
-    return f"{meta.get('model', '?')}-{meta.get('pe', '?')}{'-kvshift' if meta.get('kv_shift') else ''}-s{meta.get('seed', '?')}"
+    shift = "-kvshift" if meta.get("kv_shift") else ""
+    return f"{meta.get('model', '?')}-{meta.get('pe', '?')}{shift}-s{meta.get('seed', '?')}"
 
 
 def load_run(run_dir: Path) -> Run:
@@ -139,7 +147,7 @@ def load_runs(paths: list[Path | str]) -> list[Run]:
 def runs_from_wandb(path: str, api=None) -> list[Run]:
     """Runs of `entity/project[/group]` through the W&B public API, mapped to the local structures
     (history rows keyed by step, grouped names also under their metrics.csv names)."""
-    from train.stability import CSV_ALIASES
+    from pelab.train.stability import CSV_ALIASES
 
     parts = path.strip("/").split("/")
     if len(parts) not in (2, 3):
@@ -179,6 +187,7 @@ def runs_from_wandb(path: str, api=None) -> list[Run]:
 
 # ---- numbers ---------------------------------------------------------------------------------------
 
+
 def _series(run: Run, key: str, x: str = "tokens") -> list[tuple[float, float]]:
     return [(r[x], r[key]) for r in run.rows if key in r and x in r and math.isfinite(r[key])]
 
@@ -196,7 +205,7 @@ def spike_points(run: Run) -> list[tuple[float, float]]:
 
 def layer_keys(runs: list[Run], prefix: str = "attn/max_logit/L") -> list[str]:
     keys = {k for run in runs for r in run.rows for k in r if k.startswith(prefix)}
-    return sorted(keys, key=lambda k: int(k[len(prefix):]))
+    return sorted(keys, key=lambda k: int(k[len(prefix) :]))
 
 
 def summarize(run: Run) -> dict:
@@ -212,20 +221,35 @@ def summarize(run: Run) -> dict:
     vals = [r["val/loss"] for r in rows if "val/loss" in r]
     spikes = last("stability/spikes")
     return {
-        "run": run.label, "model": run.meta.get("model"), "pe": run.meta.get("pe"), "seed": run.meta.get("seed"),
+        "run": run.label,
+        "model": run.meta.get("model"),
+        "pe": run.meta.get("pe"),
+        "seed": run.meta.get("seed"),
         "steps": int(last("step")) if last("step") is not None else None,
         "tokens": int(max((r.get("tokens", 0) for r in rows), default=0)),
-        "final_train_loss": last("train/loss"), "final_val_loss": vals[-1] if vals else None,
+        "final_train_loss": last("train/loss"),
+        "final_val_loss": vals[-1] if vals else None,
         "best_val_loss": min(vals) if vals else None,
         "spikes": int(spikes) if spikes is not None else None,
-        "tokens_per_s": median("tokens_per_s"), "mfu": median("mfu"),
-        "max_attn_logit": last("attn/max_logit"), "source": run.source,
+        "tokens_per_s": median("tokens_per_s"),
+        "mfu": median("mfu"),
+        "max_attn_logit": last("attn/max_logit"),
+        "source": run.source,
     }
 
 
-TABLE_COLUMNS = [("run", "run"), ("steps", "steps"), ("tokens", "tokens"), ("final_train_loss", "final train loss"),
-                 ("final_val_loss", "final val loss"), ("best_val_loss", "best val loss"), ("spikes", "spikes"),
-                 ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("max_attn_logit", "max attn logit")]
+TABLE_COLUMNS = [
+    ("run", "run"),
+    ("steps", "steps"),
+    ("tokens", "tokens"),
+    ("final_train_loss", "final train loss"),
+    ("final_val_loss", "final val loss"),
+    ("best_val_loss", "best val loss"),
+    ("spikes", "spikes"),
+    ("tokens_per_s", "tokens/s"),
+    ("mfu", "MFU"),
+    ("max_attn_logit", "max attn logit"),
+]
 
 
 def _fmt(key: str, v) -> str:
@@ -253,6 +277,7 @@ def markdown_table(summaries: list[dict]) -> str:
 
 # ---- plots -----------------------------------------------------------------------------------------
 
+
 def _plt():
     import matplotlib
 
@@ -267,8 +292,16 @@ def _colors(runs: list[Run]) -> dict[str, str]:
     return {r.label: palette[i % len(palette)] for i, r in enumerate(runs)}
 
 
-def _draw(ax, runs: list[Run], key: str, title: str, colors: dict, logy: bool = False, spikes: bool = False,
-          marker: str | None = None) -> bool:
+def _draw(
+    ax,
+    runs: list[Run],
+    key: str,
+    title: str,
+    colors: dict,
+    logy: bool = False,
+    spikes: bool = False,
+    marker: str | None = None,
+) -> bool:
     drawn = False
     for run in runs:
         pts = [(x, y) for x, y in _series(run, key) if x > 0]
@@ -310,9 +343,11 @@ def plot_report(runs: list[Run], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     colors = _colors(runs)
     made = []
-    specs = [("loss.png", "train/loss", "train loss (x = spike)", False, True, None),
-             ("val_loss.png", "val/loss", "validation loss", False, False, "o"),
-             ("grad_norm.png", "grad_norm", "grad norm (pre-clip)", True, False, None)]
+    specs = [
+        ("loss.png", "train/loss", "train loss (x = spike)", False, True, None),
+        ("val_loss.png", "val/loss", "validation loss", False, False, "o"),
+        ("grad_norm.png", "grad_norm", "grad norm (pre-clip)", True, False, None),
+    ]
     for name, key, title, logy, spikes, marker in specs:
         fig, ax = plt.subplots(figsize=(SINGLE_PX[0] / DPI, SINGLE_PX[1] / DPI))
         _draw(ax, runs, key, title, colors, logy=logy, spikes=spikes, marker=marker)
@@ -332,11 +367,18 @@ def plot_report(runs: list[Run], out_dir: Path) -> list[Path]:
     keys = layer_keys(runs) or ["attn/max_logit"]
     ncols = min(4, len(keys))
     nrows = math.ceil(len(keys) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
-                             figsize=(LAYER_PANEL_PX[0] * ncols / DPI, LAYER_PANEL_PX[1] * nrows / DPI))
+    fig, axes = plt.subplots(
+        nrows, ncols, squeeze=False, figsize=(LAYER_PANEL_PX[0] * ncols / DPI, LAYER_PANEL_PX[1] * nrows / DPI)
+    )
     for i, key in enumerate(keys):
-        _draw(axes[i // ncols, i % ncols], runs, key, f"max attention logit, layer {key.rsplit('L', 1)[-1]}",
-              colors, marker=".")
+        _draw(
+            axes[i // ncols, i % ncols],
+            runs,
+            key,
+            f"max attention logit, layer {key.rsplit('L', 1)[-1]}",
+            colors,
+            marker=".",
+        )
     for j in range(len(keys), nrows * ncols):
         axes[j // ncols, j % ncols].axis("off")
     _legend(fig, axes[0, 0], runs)
@@ -373,6 +415,7 @@ def plot_runs(run_dirs: list[Path], out_png: Path) -> Path:
 
 # ---- command line ----------------------------------------------------------------------------------
 
+
 def report(runs: list[Run], out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -386,8 +429,11 @@ def report(runs: list[Run], out_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("paths", nargs="*", help="run directories or directories holding them (a multirun dir); "
-                                             "default: $PELAB_RUNS or runs/")
+    ap.add_argument(
+        "paths",
+        nargs="*",
+        help="run directories or directories holding them (a multirun dir); default: $PELAB_RUNS or runs/",
+    )
     ap.add_argument("--out", help="output directory (default: <first path>/report, or report-<group> with --wandb)")
     ap.add_argument("--wandb", metavar="ENTITY/PROJECT[/GROUP]", help="read the runs from W&B instead of local logs")
     args = ap.parse_args(argv)

@@ -1,11 +1,13 @@
 """Learning-rate schedules as multipliers of the peak LR (for LambdaLR)."""
+
 from __future__ import annotations
 
 import math
 
 
-def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, decay_steps: int, total_steps: int,
-                  min_ratio: float) -> float:
+def lr_multiplier(
+    step: int, *, schedule: str, warmup_steps: int, decay_steps: int, total_steps: int, min_ratio: float
+) -> float:
     """cosine: linear warmup, then cosine from 1 to min_ratio at `decay_steps` (then flat).
     wsd: linear warmup, constant, then cosine to min_ratio over the last `decay_steps` of `total_steps`."""
     if warmup_steps > 0 and step < warmup_steps:

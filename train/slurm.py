@@ -21,6 +21,7 @@ Ranks: under `srun` Lightning's `SLURMEnvironment` takes ranks from SLURM_PROCID
 `apply_slurm_world` sets `trainer.devices`/`trainer.num_nodes` from the job's tasks per node and
 nodes, so the launcher config (or the #SBATCH lines) decides the world size.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ REQUEUE_FILE = "requeue.json"
 
 
 # ---- inside a job ----------------------------------------------------------------------------------
+
 
 def in_slurm() -> bool:
     """A SLURM-managed process (batch script or srun task), by Lightning's rule (SLURMEnvironment.detect):
@@ -91,8 +93,14 @@ def apply_slurm_world(cfg) -> None:
     if (str(t.devices), str(t.num_nodes)) == (str(per_node), str(nodes)):
         return
     if str(t.devices) not in ("1", "auto", "-1") or str(t.num_nodes) != "1":
-        log.warning("trainer.devices=%s trainer.num_nodes=%s replaced by the SLURM job's %d task(s) per node x %d "
-                    "node(s): under srun each task is one rank", t.devices, t.num_nodes, per_node, nodes)
+        log.warning(
+            "trainer.devices=%s trainer.num_nodes=%s replaced by the SLURM job's %d task(s) per node x %d "
+            "node(s): under srun each task is one rank",
+            t.devices,
+            t.num_nodes,
+            per_node,
+            nodes,
+        )
     else:
         log.info("SLURM job: trainer.devices=%d trainer.num_nodes=%d (tasks per node x nodes)", per_node, nodes)
     with open_dict(cfg):
@@ -115,8 +123,15 @@ def _signal(name) -> signal.Signals:
 
 def preemption_signals(cfg_signal) -> list[signal.Signals]:
     """The configured signal, plus submitit's (USR2 unless SUBMITIT_PREEMPT_SIGNAL) in submitit jobs."""
-    sigs = [_signal(s) for s in (cfg_signal if isinstance(cfg_signal, (list, tuple)) or
-                                 type(cfg_signal).__name__ == "ListConfig" else [cfg_signal]) if s]
+    sigs = [
+        _signal(s)
+        for s in (
+            cfg_signal
+            if isinstance(cfg_signal, (list, tuple)) or type(cfg_signal).__name__ == "ListConfig"
+            else [cfg_signal]
+        )
+        if s
+    ]
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         sub = _signal(os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
         if sub not in sigs:
@@ -200,15 +215,18 @@ def requeue_after(exc: Preempted, max_requeues: int) -> tuple[bool, str]:
     state = _read_requeues(exc.run_dir)
     history = state.get("history", [])
     if state.get("count", 0) >= max_requeues:
-        return False, (f"already requeued {state.get('count', 0)} times (preemption.max_requeues={max_requeues}); "
-                       f"resubmit the same command to continue from step {exc.step}")
+        return False, (
+            f"already requeued {state.get('count', 0)} times (preemption.max_requeues={max_requeues}); "
+            f"resubmit the same command to continue from step {exc.step}"
+        )
     if history and history[-1].get("step") == exc.step:
-        return False, (f"no progress since the last requeue (still step {exc.step}): the time limit is too short "
-                       f"for startup plus one step; resubmit with a longer --time")
+        return False, (
+            f"no progress since the last requeue (still step {exc.step}): the time limit is too short "
+            f"for startup plus one step; resubmit with a longer --time"
+        )
     if shutil.which("scontrol") is None:
         return False, "scontrol not found on the compute node"
-    history.append({"job": jid, "step": exc.step, "signal": exc.signame,
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    history.append({"job": jid, "step": exc.step, "signal": exc.signame, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     state = {"count": state.get("count", 0) + 1, "history": history}
     tmp = exc.run_dir / (REQUEUE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -220,6 +238,7 @@ def requeue_after(exc: Preempted, max_requeues: int) -> tuple[bool, str]:
 
 
 # ---- before submission -------------------------------------------------------------------------------
+
 
 @dataclass
 class Node:
@@ -266,8 +285,17 @@ def parse_sinfo(text: str) -> ClusterInfo:
             info.default_partition = part
         if part not in info.partitions:
             info.partitions.append(part)
-        node = nodes.setdefault(name, Node(name, [], int(re.sub(r"\D.*", "", cpus) or 0),
-                                           int(re.sub(r"\D.*", "", mem) or 0), gpus_in_gres(gres), gres))
+        node = nodes.setdefault(
+            name,
+            Node(
+                name,
+                [],
+                int(re.sub(r"\D.*", "", cpus) or 0),
+                int(re.sub(r"\D.*", "", mem) or 0),
+                gpus_in_gres(gres),
+                gres,
+            ),
+        )
         node.partitions.append(part)
     info.nodes = list(nodes.values())
     return info
@@ -275,12 +303,16 @@ def parse_sinfo(text: str) -> ClusterInfo:
 
 def query_cluster() -> ClusterInfo:
     if shutil.which("sinfo") is None:
-        raise RuntimeError("sinfo is not on PATH: hydra/launcher=slurm (and slurm/train.sbatch) submit from a machine "
-                           "with the Slurm client commands (a login node); run locally with hydra/launcher=local")
+        raise RuntimeError(
+            "sinfo is not on PATH: hydra/launcher=slurm (and slurm/train.sbatch) submit from a machine "
+            "with the Slurm client commands (a login node); run locally with hydra/launcher=local"
+        )
     r = subprocess.run(["sinfo", "-h", "-N", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
-        raise RuntimeError(f"sinfo failed ({r.returncode}): {(r.stderr or r.stdout).strip()} -- is the Slurm "
-                           f"controller reachable from here?")
+        raise RuntimeError(
+            f"sinfo failed ({r.returncode}): {(r.stderr or r.stdout).strip()} -- is the Slurm "
+            f"controller reachable from here?"
+        )
     return parse_sinfo(r.stdout)
 
 
@@ -300,13 +332,17 @@ def check_resources(lc, cluster: ClusterInfo) -> list[str]:
         missing = [p for p in wanted if p not in cluster.partitions]
         if missing:
             dflt = f" (default: {cluster.default_partition})" if cluster.default_partition else ""
-            return [f"partition {', '.join(map(repr, missing))} does not exist on this cluster; partitions: "
-                    f"{', '.join(cluster.partitions) or 'none'}{dflt}"]
+            return [
+                f"partition {', '.join(map(repr, missing))} does not exist on this cluster; partitions: "
+                f"{', '.join(cluster.partitions) or 'none'}{dflt}"
+            ]
     elif cluster.default_partition:
         wanted = [cluster.default_partition]
     else:
-        return [f"this cluster has no default partition: set the partition to one of: "
-                f"{', '.join(cluster.partitions) or 'none'}"]
+        return [
+            f"this cluster has no default partition: set the partition to one of: "
+            f"{', '.join(cluster.partitions) or 'none'}"
+        ]
     nodes = [n for n in cluster.nodes if set(n.partitions) & set(wanted)]
     where = f"partition {','.join(wanted)}"
     n_nodes = _int(get("nodes"), 1)
@@ -325,32 +361,51 @@ def check_resources(lc, cluster: ClusterInfo) -> list[str]:
         fit = [n for n in nodes if n.gpus >= gpus]
         if len(fit) < n_nodes:
             most = max((n.gpus for n in nodes), default=0)
-            problems.append(f"gpus_per_node={gpus} is impossible: the nodes of {where} have at most {most} GPU(s) "
-                            f"(sinfo GRES: {', '.join(sorted({n.gres for n in nodes})) or 'none'})")
+            problems.append(
+                f"gpus_per_node={gpus} is impossible: the nodes of {where} have at most {most} GPU(s) "
+                f"(sinfo GRES: {', '.join(sorted({n.gres for n in nodes})) or 'none'})"
+            )
         if tasks != gpus:
-            problems.append(f"tasks_per_node={tasks} but gpus_per_node={gpus}: pelab runs one task (one Lightning "
-                            f"rank) per GPU; set tasks_per_node={gpus}")
+            problems.append(
+                f"tasks_per_node={tasks} but gpus_per_node={gpus}: pelab runs one task (one Lightning "
+                f"rank) per GPU; set tasks_per_node={gpus}"
+            )
     if nodes and cpus > max(n.cpus for n in nodes):
-        problems.append(f"cpus_per_task x tasks_per_node = {cpus} CPUs but the nodes of {where} have at most "
-                        f"{max(n.cpus for n in nodes)}")
+        problems.append(
+            f"cpus_per_task x tasks_per_node = {cpus} CPUs but the nodes of {where} have at most "
+            f"{max(n.cpus for n in nodes)}"
+        )
     if nodes and mem_mb > max(n.mem_mb for n in nodes):
-        problems.append(f"mem_gb={get('mem_gb')} but the nodes of {where} have at most "
-                        f"{max(n.mem_mb for n in nodes) // 1024} GB")
+        problems.append(
+            f"mem_gb={get('mem_gb')} but the nodes of {where} have at most {max(n.mem_mb for n in nodes) // 1024} GB"
+        )
     if timeout < 1:
         problems.append(f"timeout_min={timeout} must be at least 1")
     delay = get("signal_delay_s")
     if delay is not None and timeout >= 1 and int(delay) >= timeout * 60:
-        problems.append(f"signal_delay_s={delay} is not shorter than the time limit ({timeout} min): the pre-timeout "
-                        f"checkpoint signal would come at the start")
+        problems.append(
+            f"signal_delay_s={delay} is not shorter than the time limit ({timeout} min): the pre-timeout "
+            f"checkpoint signal would come at the start"
+        )
     return problems
 
 
 # ---- the sbatch route: check before `sbatch` ------------------------------------------------------------
 
-_SBATCH_KEYS = {"partition": "partition", "p": "partition", "nodes": "nodes", "N": "nodes",
-                "gpus-per-node": "gpus_per_node", "ntasks-per-node": "tasks_per_node",
-                "cpus-per-task": "cpus_per_task", "c": "cpus_per_task", "mem": "mem", "time": "time", "t": "time",
-                "gres": "gres"}
+_SBATCH_KEYS = {
+    "partition": "partition",
+    "p": "partition",
+    "nodes": "nodes",
+    "N": "nodes",
+    "gpus-per-node": "gpus_per_node",
+    "ntasks-per-node": "tasks_per_node",
+    "cpus-per-task": "cpus_per_task",
+    "c": "cpus_per_task",
+    "mem": "mem",
+    "time": "time",
+    "t": "time",
+    "gres": "gres",
+}
 
 
 def sbatch_request(script: Path, options: list[str] = (), env=None) -> dict:
@@ -362,8 +417,12 @@ def sbatch_request(script: Path, options: list[str] = (), env=None) -> dict:
         m = re.match(r"^#SBATCH\s+--?([\w-]+)(?:[=\s]+(\S+))?", line)
         if m and m.group(1) in _SBATCH_KEYS:
             req[_SBATCH_KEYS[m.group(1)]] = m.group(2)
-    for var, key in (("SBATCH_PARTITION", "partition"), ("SBATCH_GPUS_PER_NODE", "gpus_per_node"),
-                     ("SBATCH_TIMELIMIT", "time"), ("SBATCH_MEM_PER_NODE", "mem")):
+    for var, key in (
+        ("SBATCH_PARTITION", "partition"),
+        ("SBATCH_GPUS_PER_NODE", "gpus_per_node"),
+        ("SBATCH_TIMELIMIT", "time"),
+        ("SBATCH_MEM_PER_NODE", "mem"),
+    ):
         if env.get(var):
             req[key] = env[var]
     m = None
@@ -378,7 +437,7 @@ def sbatch_request(script: Path, options: list[str] = (), env=None) -> dict:
     if req.get("mem"):
         m = re.match(r"^(\d+)([KMGT]?)", str(req.pop("mem")).upper())
         if m:
-            scale = {"K": 1 / 1024 ** 2, "M": 1 / 1024, "": 1 / 1024, "G": 1, "T": 1024}[m.group(2)]
+            scale = {"K": 1 / 1024**2, "M": 1 / 1024, "": 1 / 1024, "G": 1, "T": 1024}[m.group(2)]
             req["mem_gb"] = int(m.group(1)) * scale
     if req.get("time"):
         req["timeout_min"] = _minutes(str(req.pop("time")))
@@ -408,8 +467,7 @@ def short_error(e: BaseException) -> str:
 def check_cells(cell_cfgs: list, world: int | None) -> list[str]:
     """Run plan() on every cell config (with the launcher's world size when given)."""
     from omegaconf import open_dict
-
-    from train.__main__ import ConfigError, plan
+    from pelab.train.__main__ import ConfigError, plan
 
     problems = []
     for label, cfg in cell_cfgs:
@@ -432,14 +490,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.slurm", description=main.__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     chk = sub.add_parser("check", help="check a single run's overrides and sbatch resources")
-    chk.add_argument("--sbatch-script", type=Path, default=Path(__file__).resolve().parent.parent / "slurm" /
-                     "train.sbatch")
-    chk.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
-                     help="an sbatch option as given on its command line (--nodes=2); repeatable")
+    chk.add_argument(
+        "--sbatch-script", type=Path, default=Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+    )
+    chk.add_argument(
+        "--sbatch-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="an sbatch option as given on its command line (--nodes=2); repeatable",
+    )
     chk.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
-    from train.config import compose
+    from pelab.train.config import compose
 
     problems: list[str] = []
     req = sbatch_request(args.sbatch_script, args.sbatch_option)

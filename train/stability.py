@@ -23,6 +23,7 @@ Additive biases are taken relative to their diagonal (bias[i, j] - bias[i, i]): 
 factored biases drop per-row constants the softmax ignores (ALiBi's -m*i, FoX's cumsum up to i),
 and every PE here has a true bias that vanishes at j = i, so this recovers the true bias exactly.
 """
+
 from __future__ import annotations
 
 import collections
@@ -36,20 +37,25 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from pelab.models.kernels.documents import same_document
+from pelab.train.callbacks import write_step_csv
 from torch import Tensor
-
-from models.kernels.documents import same_document
-from train.callbacks import write_step_csv
 
 log = logging.getLogger("pelab")
 
 # W&B workspace sections (metric names are "<section>/...").
 SECTIONS = ("train", "val", "stability", "attn", "pe", "throughput")
 # metrics.csv keeps these ungrouped names (tests and older tools read them); W&B gets the grouped ones.
-CSV_ALIASES = {"lr": "train/lr", "grad_norm": "stability/grad_norm", "grad_clipped": "stability/grad_clipped",
-               "tokens_per_s": "throughput/tokens_per_s", "mfu": "throughput/mfu",
-               "tokens_per_s_per_gpu": "throughput/tokens_per_s_per_gpu", "tflops_per_gpu": "throughput/tflops_per_gpu",
-               "gpu_mem_peak_gb": "throughput/gpu_mem_peak_gb"}
+CSV_ALIASES = {
+    "lr": "train/lr",
+    "grad_norm": "stability/grad_norm",
+    "grad_clipped": "stability/grad_clipped",
+    "tokens_per_s": "throughput/tokens_per_s",
+    "mfu": "throughput/mfu",
+    "tokens_per_s_per_gpu": "throughput/tokens_per_s_per_gpu",
+    "tflops_per_gpu": "throughput/tflops_per_gpu",
+    "gpu_mem_peak_gb": "throughput/gpu_mem_peak_gb",
+}
 
 
 def grouped(metrics: dict) -> dict:
@@ -64,6 +70,7 @@ def grouped(metrics: dict) -> dict:
 
 
 # ---- spike rule ---------------------------------------------------------------------------------
+
 
 def spike_flags(values, window: int = 128, sigma: float = 6.0) -> list[bool]:
     """Host reference of the spike rule for one series: value t is a spike when
@@ -96,8 +103,11 @@ class SpikeDetector:
         """values: (n_series,) float on the device -> (n_series,) bool spike flags."""
         values = values.detach().float()
         if self.buf is None or self.buf.device != values.device:
-            self.buf = torch.zeros(self.n, self.window, device=values.device) if self.buf is None else \
-                self.buf.to(values.device)
+            self.buf = (
+                torch.zeros(self.n, self.window, device=values.device)
+                if self.buf is None
+                else self.buf.to(values.device)
+            )
         k = min(self.count, self.window)
         finite = torch.isfinite(values)
         if k >= self.min_history:
@@ -137,8 +147,19 @@ class StepStats:
         loss, grad_norm = loss.detach().float(), grad_norm.detach().float()
         flags = self.detector.update(torch.stack([loss, grad_norm]))
         self.last_grad_norm = grad_norm
-        self.trace.append(torch.stack([loss, lse.detach().float(), lse_sq.detach().float(), grad_norm,
-                                       (grad_norm > clip).float(), flags[0].float(), flags[1].float()]))
+        self.trace.append(
+            torch.stack(
+                [
+                    loss,
+                    lse.detach().float(),
+                    lse_sq.detach().float(),
+                    grad_norm,
+                    (grad_norm > clip).float(),
+                    flags[0].float(),
+                    flags[1].float(),
+                ]
+            )
+        )
         return flags.any()
 
     def should_skip(self, spike: Tensor, strategy=None) -> bool:
@@ -164,23 +185,38 @@ class StepStats:
                 s = step - n + 1 + i
                 self.spike_steps.append(s)
                 self.spikes += 1
-                log.warning("step %d: %s spike (loss %.4f, grad norm %.4g)", s,
-                            " and ".join(x for x, f in (("loss", ls), ("grad-norm", gs)) if f), rows[i, 0], rows[i, 3])
+                log.warning(
+                    "step %d: %s spike (loss %.4f, grad norm %.4g)",
+                    s,
+                    " and ".join(x for x, f in (("loss", ls), ("grad-norm", gs)) if f),
+                    rows[i, 0],
+                    rows[i, 3],
+                )
         self.loss_spikes += int(rows[:, 5].sum())
         self.grad_spikes += int(rows[:, 6].sum())
         while self.spike_steps and self.spike_steps[0] <= step - self.score_window:
             self.spike_steps.popleft()
         return {
-            "train/z_loss": last[2], "train/loss_max": float(rows[:, 0].max()),
-            "stability/grad_norm_max": float(rows[:, 3].max()), "stability/clip_rate": float(rows[:, 4].mean()),
-            "stability/spikes": self.spikes, "stability/loss_spikes": self.loss_spikes,
-            "stability/grad_spikes": self.grad_spikes, "stability/skipped_steps": self.skipped,
+            "train/z_loss": last[2],
+            "train/loss_max": float(rows[:, 0].max()),
+            "stability/grad_norm_max": float(rows[:, 3].max()),
+            "stability/clip_rate": float(rows[:, 4].mean()),
+            "stability/spikes": self.spikes,
+            "stability/loss_spikes": self.loss_spikes,
+            "stability/grad_spikes": self.grad_spikes,
+            "stability/skipped_steps": self.skipped,
             "stability/spike_score": 100.0 * len(self.spike_steps) / max(1, min(step, self.score_window)),
         }
 
     def state_dict(self) -> dict:
-        return {"detector": self.detector.state_dict(), "loss_spikes": self.loss_spikes, "spikes": self.spikes,
-                "grad_spikes": self.grad_spikes, "skipped": self.skipped, "spike_steps": list(self.spike_steps)}
+        return {
+            "detector": self.detector.state_dict(),
+            "loss_spikes": self.loss_spikes,
+            "spikes": self.spikes,
+            "grad_spikes": self.grad_spikes,
+            "skipped": self.skipped,
+            "spike_steps": list(self.spike_steps),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.detector.load_state_dict(state["detector"])
@@ -192,6 +228,7 @@ class StepStats:
 
 # ---- attention probe: pure functions ------------------------------------------------------------
 
+
 def _expand_heads(k: Tensor, n_heads: int) -> Tensor:
     """(B, Hkv, T, D) -> (B, H, T, D), query head h reading KV head h // group (as the kernels do)."""
     group = n_heads // k.shape[1]
@@ -199,8 +236,15 @@ def _expand_heads(k: Tensor, n_heads: int) -> Tensor:
 
 
 @torch.no_grad()
-def attention_stats(q: Tensor, k: Tensor, bias=None, scale: float | None = None, chunk: int = 256,
-                    score_map: bool = False, doc_ids: Tensor | None = None) -> dict[str, Tensor]:
+def attention_stats(
+    q: Tensor,
+    k: Tensor,
+    bias=None,
+    scale: float | None = None,
+    chunk: int = 256,
+    score_map: bool = False,
+    doc_ids: Tensor | None = None,
+) -> dict[str, Tensor]:
     """Exact statistics of the causal pre-softmax scores S = q k^T * scale + bias (diagonal-anchored).
 
     q: (B, T, H, D), k: (B, T, Hkv, D) as `CausalSelfAttention.project` returns them; bias an
@@ -209,7 +253,7 @@ def attention_stats(q: Tensor, k: Tensor, bias=None, scale: float | None = None,
     entropy in nats averaged over batch and queries, and with `score_map` the batch-mean score map
     "map" (H, T, T) (zero where hidden)."""
     B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     qh = q.transpose(1, 2).float()
     kh = _expand_heads(k.transpose(1, 2).float(), H)
     max_logit = torch.full((H,), float("-inf"), device=q.device)
@@ -276,6 +320,7 @@ def curve_offsets(T: int, n: int = 96) -> list[int]:
 
 # ---- parameter / gradient / update RMS -------------------------------------------------------------
 
+
 def param_groups(model: torch.nn.Module) -> tuple[list[str], list[Tensor], Tensor]:
     """(group names, trainable params, group index per param): "embed", "L<i>" per block, "head"."""
     names, params, idx = [], [], []
@@ -288,8 +333,10 @@ def param_groups(model: torch.nn.Module) -> tuple[list[str], list[Tensor], Tenso
             names.append(g)
         params.append(p)
         idx.append(names.index(g))
-    order = sorted(range(len(names)), key=lambda i: (names[i] != "embed", names[i] == "head",
-                                                    int(names[i][1:]) if names[i].startswith("L") else 0))
+    order = sorted(
+        range(len(names)),
+        key=lambda i: (names[i] != "embed", names[i] == "head", int(names[i][1:]) if names[i].startswith("L") else 0),
+    )
     remap = {old: new for new, old in enumerate(order)}
     return [names[i] for i in order], params, torch.tensor([remap[i] for i in idx])
 
@@ -307,12 +354,22 @@ def group_sq_norms(tensors: list[Tensor], index: Tensor, n_groups: int) -> Tenso
 
 # ---- the callback -----------------------------------------------------------------------------------
 
+
 class StabilityMonitor(L.Callback):
     """Probe metrics every `probe_every` steps (rank 0) into <run_dir>/probes.csv and the loggers,
     Behind-RoPE curves into <run_dir>/diagnostics/nr-step-XXXXXXXX.json."""
 
-    def __init__(self, run_dir: Path, probe_every: int = 200, nr_every: int = 1000, probe_batch: int = 4,
-                 probe_seq_len: int = 1024, resid_layers=None, chunk: int = 256, **_):
+    def __init__(
+        self,
+        run_dir: Path,
+        probe_every: int = 200,
+        nr_every: int = 1000,
+        probe_batch: int = 4,
+        probe_seq_len: int = 1024,
+        resid_layers=None,
+        chunk: int = 256,
+        **_,
+    ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "probes.csv"
         self.probe_every, self.nr_every = int(probe_every or 0), int(nr_every or 0)
@@ -329,8 +386,11 @@ class StabilityMonitor(L.Callback):
 
     # -- schedule
     def is_probe_step(self, trainer, step: int) -> bool:
-        return not self.disabled and ((self.probe_every > 0 and step % self.probe_every == 0)
-                or (self.nr_every > 0 and step % self.nr_every == 0) or step == trainer.max_steps)
+        return not self.disabled and (
+            (self.probe_every > 0 and step % self.probe_every == 0)
+            or (self.nr_every > 0 and step % self.nr_every == 0)
+            or step == trainer.max_steps
+        )
 
     def is_nr_step(self, trainer, step: int) -> bool:
         return (self.nr_every > 0 and step % self.nr_every == 0) or step == trainer.max_steps
@@ -379,8 +439,12 @@ class StabilityMonitor(L.Callback):
         self.probe(trainer, pl_module, step, nr=self.is_nr_step(trainer, step))
 
     def on_train_end(self, trainer, pl_module):
-        if (trainer.is_global_zero and not self.disabled and self._last_probe != trainer.global_step
-                and trainer.global_step > 0):
+        if (
+            trainer.is_global_zero
+            and not self.disabled
+            and self._last_probe != trainer.global_step
+            and trainer.global_step > 0
+        ):
             self.probe(trainer, pl_module, trainer.global_step, nr=True)
 
     # -- the probe
@@ -445,7 +509,7 @@ class StabilityMonitor(L.Callback):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(doc) + "\n")
         os.replace(tmp, path)
-        from train.loggers import log_offset_curves
+        from pelab.train.loggers import log_offset_curves
 
         log_offset_curves(trainer.loggers, doc)
 
@@ -463,8 +527,7 @@ def probe_forward(model, idx: Tensor, nr: bool = False, resid_layers=None, chunk
     attention scores. Blocks run through `Block.forward` directly, so compiled blocks run eagerly and
     the compiled training graph is untouched. Returns {"scalars": {name: 0-d tensor}, "nr": {...}}."""
     n_layer = len(model.blocks)
-    resid = sorted({0, n_layer // 2, n_layer - 1} if resid_layers is None else
-                   {i % n_layer for i in resid_layers})
+    resid = sorted({0, n_layer // 2, n_layer - 1} if resid_layers is None else {i % n_layer for i in resid_layers})
     T = idx.shape[1]
     positions = torch.arange(T, device=idx.device)
     docs = model.document_ids(idx)
@@ -490,9 +553,9 @@ def probe_forward(model, idx: Tensor, nr: bool = False, resid_layers=None, chunk
     w = model.head_weight[: model.cfg.vocab_size]
     lmax = torch.full((), float("-inf"), device=h.device)
     lsum = torch.zeros((), device=h.device, dtype=torch.float64)
-    rows = max(1, 2 ** 24 // w.shape[0])  # <= 64 MB of fp32 logits at a time
+    rows = max(1, 2**24 // w.shape[0])  # <= 64 MB of fp32 logits at a time
     for r in range(0, h.shape[0], rows):
-        logits = (h[r:r + rows] @ w.to(h.dtype).t()).float()
+        logits = (h[r : r + rows] @ w.to(h.dtype).t()).float()
         lmax = torch.maximum(lmax, logits.max())
         lsum += logits.double().sum()
     s["stability/output_logit_max"] = lmax
@@ -518,10 +581,15 @@ def probe_forward(model, idx: Tensor, nr: bool = False, resid_layers=None, chunk
         for st in per_layer:
             nr_heads, _ = relative_decomposition(st["map"])
             nr_layer, curve = relative_decomposition(st["map"].mean(0))
-            layers.append({"nr": float(nr_layer), "nr_heads": [round(float(v), 6) for v in nr_heads],
-                           "max_logit_heads": [round(float(v), 5) for v in st["max_logit"]],
-                           "entropy_heads": [round(float(v), 5) for v in st["entropy"]],
-                           "offset_mean": [round(float(curve[o]), 5) for o in offsets]})
+            layers.append(
+                {
+                    "nr": float(nr_layer),
+                    "nr_heads": [round(float(v), 6) for v in nr_heads],
+                    "max_logit_heads": [round(float(v), 5) for v in st["max_logit"]],
+                    "entropy_heads": [round(float(v), 5) for v in st["entropy"]],
+                    "offset_mean": [round(float(curve[o]), 5) for o in offsets],
+                }
+            )
         out["nr"] = {"seq_len": T, "batch": int(idx.shape[0]), "offsets": offsets, "layers": layers}
     return out
 
@@ -529,8 +597,7 @@ def probe_forward(model, idx: Tensor, nr: bool = False, resid_layers=None, chunk
 def monitor_callbacks(cfg, run_dir: Path) -> list:
     """Callbacks for `python -m train`: the probe monitor (monitor.enabled) and the W&B run keeper."""
     from omegaconf import OmegaConf
-
-    from train.loggers import WandbRun
+    from pelab.train.loggers import WandbRun
 
     out = []
     mon = cfg.get("monitor")

@@ -20,6 +20,7 @@ Ranks and world size: `world_size()` mirrors what Lightning will use (torchrun's
 SLURM's SLURM_NTASKS under `srun`, else devices x num_nodes), so `plan()` derives the gradient
 accumulation from the same number the trainer runs with.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,21 +43,39 @@ warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor", categor
 # comments); a trainer config without the block (e.g. `trainer.strategy=fsdp` on the default
 # trainer) gets these.
 DDP_DEFAULTS: dict[str, Any] = {
-    "gradient_as_bucket_view": True, "static_graph": False, "bucket_cap_mb": None,
-    "find_unused_parameters": False, "process_group_backend": None, "timeout_min": 30,
+    "gradient_as_bucket_view": True,
+    "static_graph": False,
+    "bucket_cap_mb": None,
+    "find_unused_parameters": False,
+    "process_group_backend": None,
+    "timeout_min": 30,
 }
 FSDP_DEFAULTS: dict[str, Any] = {
     "sharding": "full",  # full | hybrid | shard_grad_op | no_shard
     "hybrid_shard_size": None,  # hybrid: GPUs per shard group (null: the GPUs of one node)
-    "param_dtype": "bf16", "reduce_dtype": "fp32", "buffer_dtype": "fp32",
-    "activation_checkpointing": False, "state_dict_type": "sharded", "limit_all_gathers": True,
-    "forward_prefetch": False, "backward_prefetch": "BACKWARD_PRE", "cpu_offload": False,
-    "no_sync_accumulation": False, "process_group_backend": None, "timeout_min": 30,
+    "param_dtype": "bf16",
+    "reduce_dtype": "fp32",
+    "buffer_dtype": "fp32",
+    "activation_checkpointing": False,
+    "state_dict_type": "sharded",
+    "limit_all_gathers": True,
+    "forward_prefetch": False,
+    "backward_prefetch": "BACKWARD_PRE",
+    "cpu_offload": False,
+    "no_sync_accumulation": False,
+    "process_group_backend": None,
+    "timeout_min": 30,
 }
 AUTO_DEFAULTS: dict[str, Any] = {"bytes_per_param": 16, "fsdp_above_memory_fraction": 0.4}
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def _opts(t, key: str, defaults: dict) -> dict:
@@ -119,9 +138,11 @@ def choose(t, world: int, n_params: int, gpu_memory: int | None) -> tuple[str, s
         return "ddp", "no GPU"
     limit = rule["fsdp_above_memory_fraction"] * gpu_memory
     pick = "fsdp" if state > limit else "ddp"
-    return pick, (f"training state {state / 1e9:.1f} GB ({rule['bytes_per_param']} B/param x {n_params / 1e6:.0f}M) "
-                  f"{'>' if pick == 'fsdp' else '<='} {rule['fsdp_above_memory_fraction']:.0%} of "
-                  f"{gpu_memory / 1e9:.0f} GB GPU memory")
+    return pick, (
+        f"training state {state / 1e9:.1f} GB ({rule['bytes_per_param']} B/param x {n_params / 1e6:.0f}M) "
+        f"{'>' if pick == 'fsdp' else '<='} {rule['fsdp_above_memory_fraction']:.0%} of "
+        f"{gpu_memory / 1e9:.0f} GB GPU memory"
+    )
 
 
 def build(cfg, world: int, n_params: int, precision: str):
@@ -145,8 +166,9 @@ def build_ddp(o: dict):
     kw = {k: o[k] for k in ("gradient_as_bucket_view", "static_graph", "find_unused_parameters")}
     if o["bucket_cap_mb"]:
         kw["bucket_cap_mb"] = o["bucket_cap_mb"]
-    return DDPStrategy(process_group_backend=o["process_group_backend"], timeout=timedelta(minutes=o["timeout_min"]),
-                       **kw)
+    return DDPStrategy(
+        process_group_backend=o["process_group_backend"], timeout=timedelta(minutes=o["timeout_min"]), **kw
+    )
 
 
 def mixed_precision(o: dict, precision: str):
@@ -156,17 +178,23 @@ def mixed_precision(o: dict, precision: str):
 
     if precision.startswith("32") or precision.startswith("64"):
         return None
-    return MixedPrecision(param_dtype=_DTYPES[o["param_dtype"]], reduce_dtype=_DTYPES[o["reduce_dtype"]],
-                          buffer_dtype=_DTYPES[o["buffer_dtype"]])
+    return MixedPrecision(
+        param_dtype=_DTYPES[o["param_dtype"]],
+        reduce_dtype=_DTYPES[o["reduce_dtype"]],
+        buffer_dtype=_DTYPES[o["buffer_dtype"]],
+    )
 
 
 def build_fsdp(o: dict, precision: str, num_nodes: int, world: int):
+    from pelab.models.gpt import Block
     from torch.distributed.fsdp import BackwardPrefetch
 
-    from models.gpt import Block
-
-    sharding = {"full": "FULL_SHARD", "hybrid": "HYBRID_SHARD", "shard_grad_op": "SHARD_GRAD_OP",
-                "no_shard": "NO_SHARD"}.get(str(o["sharding"]).lower())
+    sharding = {
+        "full": "FULL_SHARD",
+        "hybrid": "HYBRID_SHARD",
+        "shard_grad_op": "SHARD_GRAD_OP",
+        "no_shard": "NO_SHARD",
+    }.get(str(o["sharding"]).lower())
     if sharding is None:
         raise ValueError(f"trainer.fsdp.sharding={o['sharding']!r}: choose full, hybrid, shard_grad_op or no_shard")
     kw: dict[str, Any] = {}
@@ -178,12 +206,18 @@ def build_fsdp(o: dict, precision: str, num_nodes: int, world: int):
     if o["backward_prefetch"]:
         kw["backward_prefetch"] = BackwardPrefetch[str(o["backward_prefetch"]).upper()]
     strategy = PelabFSDPStrategy(
-        sharding_strategy=sharding, auto_wrap_policy={Block},
+        sharding_strategy=sharding,
+        auto_wrap_policy={Block},
         activation_checkpointing_policy={Block} if o["activation_checkpointing"] else None,
-        mixed_precision=mixed_precision(o, precision), state_dict_type=o["state_dict_type"],
-        limit_all_gathers=o["limit_all_gathers"], forward_prefetch=o["forward_prefetch"],
-        cpu_offload=bool(o["cpu_offload"]), process_group_backend=o["process_group_backend"],
-        timeout=timedelta(minutes=o["timeout_min"]), **kw)
+        mixed_precision=mixed_precision(o, precision),
+        state_dict_type=o["state_dict_type"],
+        limit_all_gathers=o["limit_all_gathers"],
+        forward_prefetch=o["forward_prefetch"],
+        cpu_offload=bool(o["cpu_offload"]),
+        process_group_backend=o["process_group_backend"],
+        timeout=timedelta(minutes=o["timeout_min"]),
+        **kw,
+    )
     strategy.no_sync_accumulation = bool(o["no_sync_accumulation"])
     return strategy
 
@@ -220,8 +254,14 @@ class PelabFSDPStrategy(FSDPStrategy):
             return super()._setup_model(model)
         # torch's FSDP accepts CPU (gloo; the CPU tests) only when device_id names it.
         device_id = self.root_device if self.root_device.type == "cpu" else self.root_device.index
-        model.model = FSDP(module=inner, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                           sharding_strategy=self.sharding_strategy, device_id=device_id, **self.kwargs)
+        model.model = FSDP(
+            module=inner,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=device_id,
+            **self.kwargs,
+        )
         _setup_activation_checkpointing(model.model, self._activation_checkpointing_kwargs)
         # FSDP moved the parameters itself; tell the LightningModule (`self.device`) without moving anything.
         from lightning.fabric.utilities.device_dtype_mixin import _update_properties
@@ -285,8 +325,9 @@ class PelabFSDPStrategy(FSDPStrategy):
         with _get_full_state_dict_context(self.model, world_size=self.world_size, rank0_only=False):
             for optimizer, state in zip(self.optimizers, states):
                 state = keys_to_names(state, optimizer, self.model)
-                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model=self.model, optim=optimizer,
-                                                                      optim_state_dict=state))
+                optimizer.load_state_dict(
+                    FSDP.optim_state_dict_to_load(model=self.model, optim=optimizer, optim_state_dict=state)
+                )
         return checkpoint
 
 
@@ -306,8 +347,10 @@ def keys_to_names(state: dict, optimizer, model) -> dict:
 
     names = {id(p): clean_tensor_name(n) for n, p in model.named_parameters()}
     to_name = {i: names[id(p)] for i, p in zip(saved_ids, live)}
-    return {"state": {to_name[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [to_name[i] for i in g["params"]]} for g in state["param_groups"]]}
+    return {
+        "state": {to_name[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [to_name[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -341,7 +384,9 @@ def resume_format_problem(ckpt: Path, strategy_name: str) -> str | None:
     """Why `ckpt` cannot be resumed with this strategy (None when it can)."""
     if is_sharded_checkpoint(ckpt) and strategy_name != "fsdp":
         how = "one process" if strategy_name == "single" else f"strategy {strategy_name}"
-        return (f"{ckpt} is a sharded FSDP checkpoint, which only trainer.strategy=fsdp can resume (on any number of "
-                f"GPUs). To resume it with {how}, first turn it into one file in place: "
-                f"python -m train.consolidate {ckpt} {ckpt}")
+        return (
+            f"{ckpt} is a sharded FSDP checkpoint, which only trainer.strategy=fsdp can resume (on any number of "
+            f"GPUs). To resume it with {how}, first turn it into one file in place: "
+            f"python -m train.consolidate {ckpt} {ckpt}"
+        )
     return None

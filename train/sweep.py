@@ -16,6 +16,7 @@
 - `python -m train.sweep summarize <sweep dir>` rebuilds the summary at any time (e.g. while SLURM
   jobs of a detached sweep are still running).
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,11 +35,26 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("pelab")
 
 STATUS_FILE = "status.json"
-SUMMARY_COLUMNS = ["cell", "status", "val_loss", "train_loss", "tokens_per_s", "steps", "tokens", "params", "model",
-                   "pe", "seed", "slurm_job_id", "error", "run_dir"]
+SUMMARY_COLUMNS = [
+    "cell",
+    "status",
+    "val_loss",
+    "train_loss",
+    "tokens_per_s",
+    "steps",
+    "tokens",
+    "params",
+    "model",
+    "pe",
+    "seed",
+    "slurm_job_id",
+    "error",
+    "run_dir",
+]
 
 
 # ---- inside a cell ---------------------------------------------------------------------------------
+
 
 def in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
@@ -54,12 +70,16 @@ def _atomic_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def record_cell(status: str, *, error: BaseException | str | None = None, summary: dict | None = None,
-                run_dir: Path | str | None = None) -> None:
+def record_cell(
+    status: str,
+    *,
+    error: BaseException | str | None = None,
+    summary: dict | None = None,
+    run_dir: Path | str | None = None,
+) -> None:
     """<cell dir>/status.json for this multirun job (global rank 0 only)."""
     from hydra.core.hydra_config import HydraConfig
-
-    from train.slurm import global_rank, job_id
+    from pelab.train.slurm import global_rank, job_id
 
     if global_rank() != 0:
         return
@@ -69,15 +89,22 @@ def record_cell(status: str, *, error: BaseException | str | None = None, summar
         detail = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         log.error("cell %s failed:\n%s", hc.job.override_dirname, detail)
         error = f"{type(error).__name__}: {error}"
-    record = {"status": status, "error": (str(error)[:4000] if error else None),
-              "overrides": list(hc.overrides.task), "cell": hc.job.override_dirname, "run_dir": str(run_dir),
-              "slurm_job_id": job_id(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {
+        "status": status,
+        "error": (str(error)[:4000] if error else None),
+        "overrides": list(hc.overrides.task),
+        "cell": hc.job.override_dirname,
+        "run_dir": str(run_dir),
+        "slurm_job_id": job_id(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if summary:
         record["summary"] = summary
     _atomic_json(run_dir / STATUS_FILE, record)
 
 
 # ---- expanding and checking a sweep ------------------------------------------------------------------
+
 
 def expand(config: DictConfig) -> list[list[str]]:
     """The cells' override lists, as Hydra's basic sweeper builds them (hydra.sweeper.params first,
@@ -128,7 +155,7 @@ def cell_labels(cells: list[list[str]]) -> list[str]:
 
 def check_sweep(config: DictConfig, cells: list[list[str]], cluster=None) -> tuple[list[str], list[str]]:
     """(problems, cell dirs). `cluster`: a train.slurm.ClusterInfo (queried with sinfo when None)."""
-    from train import slurm
+    from pelab.train import slurm
 
     kind = _launcher_kind(config)
     problems: list[str] = []
@@ -152,14 +179,16 @@ def check_sweep(config: DictConfig, cells: list[list[str]], cluster=None) -> tup
             continue
         dirs.append(str(cfg.hydra.sweep.subdir))
         if kind == "local":
-            from train.strategy import world_size
+            from pelab.train.strategy import world_size
 
             n = world_size(cfg.trainer)
             if n > 1:
-                problems.append(f"cell {label}: {n} processes (trainer.devices x trainer.num_nodes) in a local "
-                                f"multirun: Lightning would relaunch the whole sweep in every rank. Submit the "
-                                f"sweep with hydra/launcher=slurm (one job per cell, one srun task per GPU) or run "
-                                f"the cells one at a time")
+                problems.append(
+                    f"cell {label}: {n} processes (trainer.devices x trainer.num_nodes) in a local "
+                    f"multirun: Lightning would relaunch the whole sweep in every rank. Submit the "
+                    f"sweep with hydra/launcher=slurm (one job per cell, one srun task per GPU) or run "
+                    f"the cells one at a time"
+                )
                 continue
         composed.append((f"cell {label}", cfg))
     problems += slurm.check_cells(composed, world)
@@ -171,7 +200,7 @@ def check_sweep(config: DictConfig, cells: list[list[str]], cluster=None) -> tup
 def check_data(composed: list) -> list[str]:
     """Before fanning out to SLURM jobs: every cell's data is prepared (the embedded sample is built here,
     once, instead of by every job at the same time; FineWeb-Edu shards and manifest are checked)."""
-    from data.sample import ensure_prepared
+    from pelab.data.sample import ensure_prepared
 
     problems, seen = [], set()
     for label, cfg in composed:
@@ -187,6 +216,7 @@ def check_data(composed: list) -> list[str]:
 
 
 # ---- the summary ---------------------------------------------------------------------------------------
+
 
 def _read_json(path: Path) -> dict | None:
     try:
@@ -204,8 +234,11 @@ def cell_row(cell_dir: Path, name: str) -> dict:
     elif summary:
         row.update(status="ok", error=None)
     elif (cell_dir / "checkpoints" / "last.ckpt").exists() or (cell_dir / "metrics.csv").exists():
-        row.update(status="incomplete", error="started but never finished (still running, or killed: see the "
-                                              "cell's log and the .submitit/ logs of the sweep dir)")
+        row.update(
+            status="incomplete",
+            error="started but never finished (still running, or killed: see the "
+            "cell's log and the .submitit/ logs of the sweep dir)",
+        )
     else:
         row.update(status="missing", error="no output: the cell never ran, or its job was lost before starting")
     for k in ("val_loss", "train_loss", "tokens_per_s", "steps", "tokens", "params", "model", "pe", "seed"):
@@ -218,14 +251,17 @@ def summarize(sweep_dir: Path, cells: list[tuple[str, str]] | None = None) -> li
     summary.json + summary.csv in `sweep_dir`."""
     sweep_dir = Path(sweep_dir)
     if cells is None:
-        found = sorted({p.parent for p in sweep_dir.glob("*/.hydra")} | {p.parent for p in sweep_dir.glob(f"*/{STATUS_FILE}")})
+        found = sorted(
+            {p.parent for p in sweep_dir.glob("*/.hydra")} | {p.parent for p in sweep_dir.glob(f"*/{STATUS_FILE}")}
+        )
         cells = [(d.name, d.name) for d in found]
     rows = [cell_row(sweep_dir / sub, name) for name, sub in cells]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    _atomic_json(sweep_dir / "summary.json", {"sweep_dir": str(sweep_dir), "cells": len(rows), "counts": counts,
-                                              "rows": rows})
+    _atomic_json(
+        sweep_dir / "summary.json", {"sweep_dir": str(sweep_dir), "cells": len(rows), "counts": counts, "rows": rows}
+    )
     tmp = sweep_dir / "summary.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
@@ -243,8 +279,10 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'cell':<{width}}  {'status':<10} {'val_loss':>9} {'tokens/s':>11}  error"]
     for r in rows:
         err = (r.get("error") or "").splitlines()[0][:100] if r.get("error") else ""
-        lines.append(f"{r['cell']:<{width}}  {r['status']:<10} {f(r['val_loss'], '.4f'):>9} "
-                     f"{f(r['tokens_per_s'], ',.0f'):>11}  {err}")
+        lines.append(
+            f"{r['cell']:<{width}}  {r['status']:<10} {f(r['val_loss'], '.4f'):>9} "
+            f"{f(r['tokens_per_s'], ',.0f'):>11}  {err}"
+        )
     return "\n".join(lines)
 
 
@@ -271,8 +309,11 @@ class SweepCallback(Callback):
             _stop(f"cannot expand the sweep: {e}", 2)
         problems, dirs = check_sweep(config, overrides) if self.check else ([], [""] * len(overrides))
         if problems:
-            _stop(f"the sweep was not started ({len(overrides)} cell(s), {len(problems)} problem(s)):\n  "
-                  + "\n  ".join(problems), 2)
+            _stop(
+                f"the sweep was not started ({len(overrides)} cell(s), {len(problems)} problem(s)):\n  "
+                + "\n  ".join(problems),
+                2,
+            )
         self.cells = list(zip(cell_labels(overrides), dirs)) if self.check else None
         log.info("sweep: %d cell(s) checked, %s launcher", len(overrides), _launcher_kind(config))
 
@@ -282,9 +323,12 @@ class SweepCallback(Callback):
         log.info("sweep summary (%s):\n%s", sweep_dir / "summary.json", format_table(rows))
         bad = [r for r in rows if r["status"] != "ok"]
         if bad:
-            _stop(f"{len(bad)} of {len(rows)} cell(s) did not finish: "
-                  + "; ".join(f"{r['cell']} ({r['status']}: {(r['error'] or '').splitlines()[0][:200]})" for r in bad)
-                  + f"\nsummary: {sweep_dir / 'summary.json'}", 1)
+            _stop(
+                f"{len(bad)} of {len(rows)} cell(s) did not finish: "
+                + "; ".join(f"{r['cell']} ({r['status']}: {(r['error'] or '').splitlines()[0][:200]})" for r in bad)
+                + f"\nsummary: {sweep_dir / 'summary.json'}",
+                1,
+            )
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         pass

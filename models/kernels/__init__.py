@@ -10,19 +10,19 @@ Document masking (`attend(..., doc_ids=...)`, see `models.kernels.documents`) is
 capability: a kernel registered with a `doc_supports` predicate takes `run(..., doc_ids=ids)`; the
 others are never chosen for such calls, and naming one explicitly is an error.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from pelab.models.kernels.bias import AttentionBias, LowRankBias, PathSumBias
+from pelab.models.kernels.documents import doc_ids_from_cu_seqlens, doc_ids_from_tokens
+from pelab.models.kernels.reference import chunked_attention, dense_attention
 from torch import Tensor
-
-from models.kernels.bias import AttentionBias, LowRankBias, PathSumBias
-from models.kernels.documents import doc_ids_from_cu_seqlens, doc_ids_from_tokens
-from models.kernels.reference import chunked_attention, dense_attention
 
 log = logging.getLogger("pelab.attention")
 
@@ -68,8 +68,9 @@ def _kind(q: Tensor, bias: AttentionBias | None, docs: bool = False) -> str:
     return kind + "+docs" if docs else kind
 
 
-def select_kernel(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, backend: str = "auto",
-                  docs: bool = False) -> Kernel:
+def select_kernel(
+    q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, backend: str = "auto", docs: bool = False
+) -> Kernel:
     """The kernel for these inputs; docs=True: the call carries document ids."""
     if backend != "auto":
         if backend not in _KERNELS:
@@ -78,10 +79,14 @@ def select_kernel(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, b
         if not kernel.can_run(q, k, v, bias, docs):
             ok = sorted(n.name for n in _KERNELS.values() if n.can_run(q, k, v, bias, docs))
             if docs and kernel.supports(q, k, v, bias):
-                raise ValueError(f"attention backend {backend!r} cannot apply document masking (doc_ids) to "
-                                 f"{_kind(q, bias)} inputs; backends that can: {ok}")
-            raise ValueError(f"attention backend {backend!r} cannot run {_kind(q, bias, docs)} inputs "
-                             f"(head_dim {q.shape[-1]}); backends that can: {ok}")
+                raise ValueError(
+                    f"attention backend {backend!r} cannot apply document masking (doc_ids) to "
+                    f"{_kind(q, bias)} inputs; backends that can: {ok}"
+                )
+            raise ValueError(
+                f"attention backend {backend!r} cannot run {_kind(q, bias, docs)} inputs "
+                f"(head_dim {q.shape[-1]}); backends that can: {ok}"
+            )
         return kernel
     for kernel in sorted(_KERNELS.values(), key=lambda x: -x.priority):
         if kernel.can_run(q, k, v, bias, docs):
@@ -89,8 +94,16 @@ def select_kernel(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, b
     raise RuntimeError(f"no attention kernel supports {_kind(q, bias, docs)}")
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None = None, *, backend: str = "auto",
-           scale: float | None = None, doc_ids: Tensor | None = None) -> Tensor:
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: AttentionBias | None = None,
+    *,
+    backend: str = "auto",
+    scale: float | None = None,
+    doc_ids: Tensor | None = None,
+) -> Tensor:
     """Causal attention. q: (B, T, Hq, D); k, v: (B, T, Hkv, D), Hq % Hkv == 0 (query head h uses
     KV head h // (Hq/Hkv)). doc_ids: optional int32 (B, T) document ids, non-decreasing along each
     row; then query i sees key j only if j <= i and both lie in the same document
@@ -112,6 +125,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None = None, *
 
 # ---- built-in kernels -------------------------------------------------------------------------
 
+
 def _is_cuda_half(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
 
@@ -121,8 +135,9 @@ def _sdpa(backends):
 
     def run(q, k, v, bias, scale):
         with sdpa_kernel(backends, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
 
     return run
 
@@ -132,12 +147,19 @@ def _register_builtin() -> None:
 
     hopper = lambda q: q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0)  # noqa: E731
     # cuDNN's fused attention measured 1.6-1.9x faster than SDPA's FlashAttention-2 on Hopper.
-    register_kernel("cudnn", 70, lambda q, k, v, b: b is None and _is_cuda_half(q) and hopper(q),
-                    _sdpa([B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION]))
-    register_kernel("sdpa_flash", 50, lambda q, k, v, b: b is None and _is_cuda_half(q),
-                    _sdpa([B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION]))
-    register_kernel("sdpa", 40, lambda q, k, v, b: b is None,
-                    _sdpa([B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]))
+    register_kernel(
+        "cudnn",
+        70,
+        lambda q, k, v, b: b is None and _is_cuda_half(q) and hopper(q),
+        _sdpa([B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION]),
+    )
+    register_kernel(
+        "sdpa_flash",
+        50,
+        lambda q, k, v, b: b is None and _is_cuda_half(q),
+        _sdpa([B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION]),
+    )
+    register_kernel("sdpa", 40, lambda q, k, v, b: b is None, _sdpa([B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]))
     anything = lambda q, k, v, b: True  # noqa: E731
     register_kernel("chunked", 10, anything, chunked_attention, doc_supports=anything)
     # Never chosen automatically: O(T^2) memory. The numerical reference for tests.
@@ -146,7 +168,7 @@ def _register_builtin() -> None:
     register_kernel("sdpa_dense_bias", -1, lambda q, k, v, b: b is not None, _sdpa_dense_bias)
     # Own Triton kernels for the additive biases (LowRankBias: FoX, GRAPE-A-Q/K/QK, ALiBi when asked;
     # PathSumBias: GRAPE-AP). Never auto on CPU; there they run under TRITON_INTERPRET=1 in tests.
-    from models.kernels import flex, triton_lowrank, triton_pathsum
+    from pelab.models.kernels import flex, triton_lowrank, triton_pathsum
 
     def _triton_supports(q, k, v, b):
         if isinstance(b, PathSumBias):
@@ -170,7 +192,7 @@ def _register_builtin() -> None:
     register_kernel("flex", 52, flex.supports, flex.run, doc_supports=flex.supports_docs)
     register_kernel("flex_const", 56, flex.supports_constant, flex.run, doc_supports=flex.supports_constant)
     try:
-        from models.kernels import flash_attn_kernel  # noqa: F401  (optional extra [flash])
+        from pelab.models.kernels import flash_attn_kernel  # noqa: F401  (optional extra [flash])
     except ImportError:
         pass
 
@@ -187,5 +209,15 @@ def _sdpa_dense_bias(q, k, v, bias, scale):
 
 _register_builtin()
 
-__all__ = ["AttentionBias", "LowRankBias", "PathSumBias", "attend", "doc_ids_from_cu_seqlens", "doc_ids_from_tokens",
-           "kernel_names", "kernels_used", "register_kernel", "select_kernel"]
+__all__ = [
+    "AttentionBias",
+    "LowRankBias",
+    "PathSumBias",
+    "attend",
+    "doc_ids_from_cu_seqlens",
+    "doc_ids_from_tokens",
+    "kernel_names",
+    "kernels_used",
+    "register_kernel",
+    "select_kernel",
+]

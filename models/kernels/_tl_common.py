@@ -1,4 +1,5 @@
 """Triton JIT helpers shared by the low-rank and GRAPE-AP kernels (inlined at compile time)."""
+
 import triton
 import triton.language as tl
 

@@ -23,10 +23,10 @@ last query blocks first; dK/dV programs the first key blocks first. GQA: a KV he
 program loops over the query heads of its group and accumulates in registers, so repeated K/V
 are never materialised and no atomics are used.
 """
+
 import triton
 import triton.language as tl
-
-from models.kernels._tl_common import key_block, load_row_stats, load_rows, query_block
+from pelab.models.kernels._tl_common import key_block, load_row_stats, load_rows, query_block
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -75,6 +75,7 @@ def _bias_cols(a0, a1, a2, a3, d0, d1, d2, d3, b0, b1, b2, b3, R: tl.constexpr):
 
 # ---- forward ----------------------------------------------------------------------------------
 
+
 @triton.jit
 def _visible(rows, cols, doc_rows, doc_base, col_ok, MASK: tl.constexpr, HAS_DOC: tl.constexpr):
     """(M, N) bool: causal (if MASK) and same document (if HAS_DOC); keys past T belong to no document."""
@@ -89,11 +90,40 @@ def _visible(rows, cols, doc_rows, doc_base, col_ok, MASK: tl.constexpr, HAS_DOC
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
-               k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
-               lo, hi, offs_m, offs_n, offs_d, T, sm_scale2,
-               R: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr,
-               HAS_DOC: tl.constexpr):
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    a0,
+    a1,
+    a2,
+    a3,
+    d0,
+    d1,
+    d2,
+    d3,
+    k_base,
+    v_base,
+    bk_base,
+    s_kt,
+    s_vt,
+    s_bt,
+    doc_rows,
+    doc_base,
+    lo,
+    hi,
+    offs_m,
+    offs_n,
+    offs_d,
+    T,
+    sm_scale2,
+    R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -120,12 +150,47 @@ def _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
 
 
 @triton.jit
-def lowrank_fwd_kernel(Q, K, V, A, Bk, O, L, OLO, DOC, DSTART,
-                       s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
-                       s_ab, s_ah, s_at, s_bb, s_bh, s_bt,
-                       H, T, GROUP, sm_scale2,
-                       R: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       EVEN_T: tl.constexpr, STORE_LO: tl.constexpr, HAS_DOC: tl.constexpr):
+def lowrank_fwd_kernel(
+    Q,
+    K,
+    V,
+    A,
+    Bk,
+    O,
+    L,
+    OLO,
+    DOC,
+    DSTART,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_kb,
+    s_kh,
+    s_kt,
+    s_vb,
+    s_vh,
+    s_vt,
+    s_ob,
+    s_oh,
+    s_ot,
+    s_ab,
+    s_ah,
+    s_at,
+    s_bb,
+    s_bh,
+    s_bt,
+    H,
+    T,
+    GROUP,
+    sm_scale2,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    STORE_LO: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+):
     pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -148,23 +213,86 @@ def lowrank_fwd_kernel(Q, K, V, A, Bk, O, L, OLO, DOC, DSTART,
         doc_rows = tl.load(doc_base + tl.minimum(offs_m, T - 1))
         lo = tl.load(DSTART + b * T + start_m) // BLOCK_N * BLOCK_N
     # keys strictly left of this query block: no causal mask
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
-                               k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
-                               lo, start_m, offs_m, offs_n, offs_d, T, sm_scale2,
-                               R, BLOCK_N, False, EVEN_T, HAS_DOC)
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        a0,
+        a1,
+        a2,
+        a3,
+        d0,
+        d1,
+        d2,
+        d3,
+        k_base,
+        v_base,
+        bk_base,
+        s_kt,
+        s_vt,
+        s_bt,
+        doc_rows,
+        doc_base,
+        lo,
+        start_m,
+        offs_m,
+        offs_n,
+        offs_d,
+        T,
+        sm_scale2,
+        R,
+        BLOCK_N,
+        False,
+        EVEN_T,
+        HAS_DOC,
+    )
     # the diagonal block: causal mask
     hi = tl.minimum(start_m + BLOCK_M, T)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, a0, a1, a2, a3, d0, d1, d2, d3,
-                               k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
-                               start_m, hi, offs_m, offs_n, offs_d, T, sm_scale2,
-                               R, BLOCK_N, True, EVEN_T, HAS_DOC)
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        a0,
+        a1,
+        a2,
+        a3,
+        d0,
+        d1,
+        d2,
+        d3,
+        k_base,
+        v_base,
+        bk_base,
+        s_kt,
+        s_vt,
+        s_bt,
+        doc_rows,
+        doc_base,
+        start_m,
+        hi,
+        offs_m,
+        offs_n,
+        offs_d,
+        T,
+        sm_scale2,
+        R,
+        BLOCK_N,
+        True,
+        EVEN_T,
+        HAS_DOC,
+    )
     acc = acc / l_i[:, None]
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
     l_ptrs = L + pid_bh * T + offs_m
     if STORE_LO:  # rounding residual of o, so delta = rowsum(do * o) can be formed in fp32
         o_hi = acc.to(O.dtype.element_ty)
-        tl.store(OLO + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :],
-                 (acc - o_hi.to(tl.float32)).to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(
+            OLO + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :],
+            (acc - o_hi.to(tl.float32)).to(O.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
     if EVEN_T:
         tl.store(o_ptrs, acc.to(O.dtype.element_ty))
         tl.store(l_ptrs, m_i + tl.math.log2(l_i))
@@ -175,9 +303,25 @@ def lowrank_fwd_kernel(Q, K, V, A, Bk, O, L, OLO, DOC, DSTART,
 
 # ---- backward ---------------------------------------------------------------------------------
 
+
 @triton.jit
-def bwd_delta_kernel(O, DO, DELTA, OLO, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, H, T,
-                     D: tl.constexpr, BLOCK: tl.constexpr, HAS_LO: tl.constexpr):
+def bwd_delta_kernel(
+    O,
+    DO,
+    DELTA,
+    OLO,
+    s_ob,
+    s_oh,
+    s_ot,
+    s_db,
+    s_dh,
+    s_dt,
+    H,
+    T,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_LO: tl.constexpr,
+):
     """delta[b, h, t] = sum_d o * do (fp32); o = o_hi + o_lo when the residual was stored."""
     pid_bh = tl.program_id(0)
     b = pid_bh // H
@@ -189,17 +333,52 @@ def bwd_delta_kernel(O, DO, DELTA, OLO, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, H, T
     do = tl.load(DO + b * s_db + h * s_dh + offs[:, None] * s_dt + offs_d[None, :], mask=ok[:, None], other=0.0)
     of = o.to(tl.float32)
     if HAS_LO:
-        of += tl.load(OLO + b * s_ob + h * s_oh + offs[:, None] * s_ot + offs_d[None, :], mask=ok[:, None],
-                      other=0.0).to(tl.float32)
+        of += tl.load(
+            OLO + b * s_ob + h * s_oh + offs[:, None] * s_ot + offs_d[None, :], mask=ok[:, None], other=0.0
+        ).to(tl.float32)
     tl.store(DELTA + pid_bh * T + offs, tl.sum(of * do.to(tl.float32), 1), mask=ok)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, db0, db1, db2, db3, k, v, b0, b1, b2, b3,
-                q_base, do_base, a_base, bk_base, l_base, dl_base, s_qt, s_dot, s_at, s_bt, doc_cols, doc_base,
-                lo, hi, offs_n, offs_m0, offs_d, T, sm_scale2,
-                R: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr,
-                NEED_DB: tl.constexpr, HAS_DOC: tl.constexpr):
+def _dkdv_inner(
+    dk,
+    dv,
+    db0,
+    db1,
+    db2,
+    db3,
+    k,
+    v,
+    b0,
+    b1,
+    b2,
+    b3,
+    q_base,
+    do_base,
+    a_base,
+    bk_base,
+    l_base,
+    dl_base,
+    s_qt,
+    s_dot,
+    s_at,
+    s_bt,
+    doc_cols,
+    doc_base,
+    lo,
+    hi,
+    offs_n,
+    offs_m0,
+    offs_d,
+    T,
+    sm_scale2,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m0
@@ -248,13 +427,58 @@ def _store_cols(base, offs, mask, c0, c1, c2, c3, R: tl.constexpr):
 
 
 @triton.jit
-def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB, DOC, DEND,
-                            s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                            s_ab, s_ah, s_at, s_bb, s_bh, s_bt, s_dob, s_doh, s_dot,
-                            s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
-                            H, HKV, T, GROUP, sm_scale, sm_scale2,
-                            R: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            EVEN_T: tl.constexpr, NEED_DB: tl.constexpr, HAS_DOC: tl.constexpr):
+def lowrank_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    A,
+    Bk,
+    DO,
+    L,
+    DELTA,
+    DK,
+    DV,
+    DB,
+    DOC,
+    DEND,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_kb,
+    s_kh,
+    s_kt,
+    s_vb,
+    s_vh,
+    s_vt,
+    s_ab,
+    s_ah,
+    s_at,
+    s_bb,
+    s_bh,
+    s_bt,
+    s_dob,
+    s_doh,
+    s_dot,
+    s_dkb,
+    s_dkh,
+    s_dkt,
+    s_dvb,
+    s_dvh,
+    s_dvt,
+    H,
+    HKV,
+    T,
+    GROUP,
+    sm_scale,
+    sm_scale2,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+):
     pid_bh, b, hk, pid_n, start_n, offs_n, col_ok = key_block(HKV, T, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -282,13 +506,83 @@ def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB, DOC, DEND,
         db2 = db0
         db3 = db0
         dk, dv, db0, db1, db2, db3 = _dkdv_inner(
-            dk, dv, db0, db1, db2, db3, k, v, b0, b1, b2, b3,
-            q_base, do_base, a_base, bk_base, l_base, dl_base, s_qt, s_dot, s_at, s_bt, doc_cols, doc_base,
-            start_n, hi_diag, offs_n, offs_m0, offs_d, T, sm_scale2, R, BLOCK_M, True, EVEN_T, NEED_DB, HAS_DOC)
+            dk,
+            dv,
+            db0,
+            db1,
+            db2,
+            db3,
+            k,
+            v,
+            b0,
+            b1,
+            b2,
+            b3,
+            q_base,
+            do_base,
+            a_base,
+            bk_base,
+            l_base,
+            dl_base,
+            s_qt,
+            s_dot,
+            s_at,
+            s_bt,
+            doc_cols,
+            doc_base,
+            start_n,
+            hi_diag,
+            offs_n,
+            offs_m0,
+            offs_d,
+            T,
+            sm_scale2,
+            R,
+            BLOCK_M,
+            True,
+            EVEN_T,
+            NEED_DB,
+            HAS_DOC,
+        )
         dk, dv, db0, db1, db2, db3 = _dkdv_inner(
-            dk, dv, db0, db1, db2, db3, k, v, b0, b1, b2, b3,
-            q_base, do_base, a_base, bk_base, l_base, dl_base, s_qt, s_dot, s_at, s_bt, doc_cols, doc_base,
-            start_n + BLOCK_N, hi, offs_n, offs_m0, offs_d, T, sm_scale2, R, BLOCK_M, False, EVEN_T, NEED_DB, HAS_DOC)
+            dk,
+            dv,
+            db0,
+            db1,
+            db2,
+            db3,
+            k,
+            v,
+            b0,
+            b1,
+            b2,
+            b3,
+            q_base,
+            do_base,
+            a_base,
+            bk_base,
+            l_base,
+            dl_base,
+            s_qt,
+            s_dot,
+            s_at,
+            s_bt,
+            doc_cols,
+            doc_base,
+            start_n + BLOCK_N,
+            hi,
+            offs_n,
+            offs_m0,
+            offs_d,
+            T,
+            sm_scale2,
+            R,
+            BLOCK_M,
+            False,
+            EVEN_T,
+            NEED_DB,
+            HAS_DOC,
+        )
         if NEED_DB:
             _store_cols(DB + bh * T * R, offs_n, col_ok, db0, db1, db2, db3, R)
     dk_ptrs = DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :]
@@ -298,11 +592,46 @@ def lowrank_bwd_dkdv_kernel(Q, K, V, A, Bk, DO, L, DELTA, DK, DV, DB, DOC, DEND,
 
 
 @triton.jit
-def _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1, d2, d3,
-              k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
-              lo, hi, offs_m, offs_n0, offs_d, T, sm_scale2,
-              R: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr,
-              NEED_DA: tl.constexpr, HAS_DOC: tl.constexpr):
+def _dq_inner(
+    dq,
+    da0,
+    da1,
+    da2,
+    da3,
+    q,
+    do,
+    lse,
+    delta,
+    a0,
+    a1,
+    a2,
+    a3,
+    d0,
+    d1,
+    d2,
+    d3,
+    k_base,
+    v_base,
+    bk_base,
+    s_kt,
+    s_vt,
+    s_bt,
+    doc_rows,
+    doc_base,
+    lo,
+    hi,
+    offs_m,
+    offs_n0,
+    offs_d,
+    T,
+    sm_scale2,
+    R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    NEED_DA: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n0
@@ -332,12 +661,53 @@ def _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1,
 
 
 @triton.jit
-def lowrank_bwd_dq_kernel(Q, K, V, A, Bk, DO, L, DELTA, DQ, DA, DOC, DSTART,
-                          s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                          s_ab, s_ah, s_at, s_bb, s_bh, s_bt, s_dob, s_doh, s_dot, s_dqb, s_dqh, s_dqt,
-                          H, T, GROUP, sm_scale, sm_scale2,
-                          R: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          EVEN_T: tl.constexpr, NEED_DA: tl.constexpr, HAS_DOC: tl.constexpr):
+def lowrank_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    A,
+    Bk,
+    DO,
+    L,
+    DELTA,
+    DQ,
+    DA,
+    DOC,
+    DSTART,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_kb,
+    s_kh,
+    s_kt,
+    s_vb,
+    s_vh,
+    s_vt,
+    s_ab,
+    s_ah,
+    s_at,
+    s_bb,
+    s_bh,
+    s_bt,
+    s_dob,
+    s_doh,
+    s_dot,
+    s_dqb,
+    s_dqh,
+    s_dqt,
+    H,
+    T,
+    GROUP,
+    sm_scale,
+    sm_scale2,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    NEED_DA: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+):
     pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -359,15 +729,87 @@ def lowrank_bwd_dq_kernel(Q, K, V, A, Bk, DO, L, DELTA, DQ, DA, DOC, DSTART,
     if HAS_DOC:  # as in the forward
         doc_rows = tl.load(doc_base + tl.minimum(offs_m, T - 1))
         lo = tl.load(DSTART + b * T + start_m) // BLOCK_N * BLOCK_N
-    dq, da0, da1, da2, da3 = _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1, d2, d3,
-                                       k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
-                                       lo, start_m, offs_m, offs_n0, offs_d, T, sm_scale2,
-                                       R, BLOCK_N, False, EVEN_T, NEED_DA, HAS_DOC)
+    dq, da0, da1, da2, da3 = _dq_inner(
+        dq,
+        da0,
+        da1,
+        da2,
+        da3,
+        q,
+        do,
+        lse,
+        delta,
+        a0,
+        a1,
+        a2,
+        a3,
+        d0,
+        d1,
+        d2,
+        d3,
+        k_base,
+        v_base,
+        bk_base,
+        s_kt,
+        s_vt,
+        s_bt,
+        doc_rows,
+        doc_base,
+        lo,
+        start_m,
+        offs_m,
+        offs_n0,
+        offs_d,
+        T,
+        sm_scale2,
+        R,
+        BLOCK_N,
+        False,
+        EVEN_T,
+        NEED_DA,
+        HAS_DOC,
+    )
     hi = tl.minimum(start_m + BLOCK_M, T)
-    dq, da0, da1, da2, da3 = _dq_inner(dq, da0, da1, da2, da3, q, do, lse, delta, a0, a1, a2, a3, d0, d1, d2, d3,
-                                       k_base, v_base, bk_base, s_kt, s_vt, s_bt, doc_rows, doc_base,
-                                       start_m, hi, offs_m, offs_n0, offs_d, T, sm_scale2,
-                                       R, BLOCK_N, True, EVEN_T, NEED_DA, HAS_DOC)
+    dq, da0, da1, da2, da3 = _dq_inner(
+        dq,
+        da0,
+        da1,
+        da2,
+        da3,
+        q,
+        do,
+        lse,
+        delta,
+        a0,
+        a1,
+        a2,
+        a3,
+        d0,
+        d1,
+        d2,
+        d3,
+        k_base,
+        v_base,
+        bk_base,
+        s_kt,
+        s_vt,
+        s_bt,
+        doc_rows,
+        doc_base,
+        start_m,
+        hi,
+        offs_m,
+        offs_n0,
+        offs_d,
+        T,
+        sm_scale2,
+        R,
+        BLOCK_N,
+        True,
+        EVEN_T,
+        NEED_DA,
+        HAS_DOC,
+    )
     dq_ptrs = DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
     if NEED_DA:

@@ -18,12 +18,12 @@ program per key block) starts its in-tile prefixes from them.
 Scores are in log2 units: s2 = q.k * scale * log2(e) - C * log2(e); psi2 = psi * log2(e).
 logsigmoid(x) = min(x, 0) - ln2 * log2(1 + 2^(-|x| log2 e)).
 """
+
 import os
 
 import triton
 import triton.language as tl
-
-from models.kernels._tl_common import key_block, load_row_stats, load_rows, query_block
+from pelab.models.kernels._tl_common import key_block, load_row_stats, load_rows, query_block
 
 # The CPU interpreter's bf16 tl.dot is wrong (numpy emulation): there, operands are rounded to
 # bf16 and multiplied in fp32, which is exact for bf16 x bf16 products (same numbers as the GPU).
@@ -75,16 +75,42 @@ def _psi(z, alpha2):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, carry, q, qp, alpha2, upper,
-               k_base, v_base, kp_base, s_kt, s_vt, s_pt,
-               lo, hi, offs_m, offs_n, offs_d, offs_p, T, P, sm_scale2, pscale,
-               BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr):
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    carry,
+    q,
+    qp,
+    alpha2,
+    upper,
+    k_base,
+    v_base,
+    kp_base,
+    s_kt,
+    s_vt,
+    s_pt,
+    lo,
+    hi,
+    offs_m,
+    offs_n,
+    offs_d,
+    offs_p,
+    T,
+    P,
+    sm_scale2,
+    pscale,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    EVEN_T: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         col_ok = cols < T
-        kp = tl.load(kp_base + cols[:, None] * s_pt + offs_p[None, :], mask=col_ok[:, None] & (offs_p[None, :] < P),
-                     other=0.0)
+        kp = tl.load(
+            kp_base + cols[:, None] * s_pt + offs_p[None, :], mask=col_ok[:, None] & (offs_p[None, :] < P), other=0.0
+        )
         z = _dot3(qp, tl.trans(kp)) * pscale
         psi2, e, l1p = _psi(z, alpha2)
         c_tile = carry[:, None] + _prefix_cols(psi2, upper)
@@ -105,19 +131,55 @@ def _fwd_inner(acc, l_i, m_i, carry, q, qp, alpha2, upper,
 
 
 @triton.jit
-def pathsum_fwd_kernel(Q, K, V, QP, KP, ALPHA, O, L,
-                       s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
-                       s_pb, s_ph, s_pt, s_kpb, s_kph, s_kpt,
-                       H, T, GROUP, P, sm_scale2, pscale,
-                       D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       EVEN_T: tl.constexpr):
+def pathsum_fwd_kernel(
+    Q,
+    K,
+    V,
+    QP,
+    KP,
+    ALPHA,
+    O,
+    L,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_kb,
+    s_kh,
+    s_kt,
+    s_vb,
+    s_vh,
+    s_vt,
+    s_ob,
+    s_oh,
+    s_ot,
+    s_pb,
+    s_ph,
+    s_pt,
+    s_kpb,
+    s_kph,
+    s_kpt,
+    H,
+    T,
+    GROUP,
+    P,
+    sm_scale2,
+    pscale,
+    D: tl.constexpr,
+    PP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_T: tl.constexpr,
+):
     pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, PP)
     q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, EVEN_T)
-    qp = tl.load(QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pt + offs_p[None, :],
-                 mask=row_ok[:, None] & (offs_p[None, :] < P), other=0.0)
+    qp = tl.load(
+        QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pt + offs_p[None, :],
+        mask=row_ok[:, None] & (offs_p[None, :] < P),
+        other=0.0,
+    )
     alpha2 = tl.load(ALPHA + h) * LOG2E
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
@@ -128,13 +190,65 @@ def pathsum_fwd_kernel(Q, K, V, QP, KP, ALPHA, O, L,
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     tri = tl.arange(0, BLOCK_N)
     upper = _bf16((tri[:, None] <= tri[None, :]).to(tl.float32))  # x @ upper = inclusive prefix along columns
-    acc, l_i, m_i, carry = _fwd_inner(acc, l_i, m_i, carry, q, qp, alpha2, upper, k_base, v_base, kp_base, s_kt, s_vt,
-                                      s_kpt, 0, start_m, offs_m, offs_n, offs_d, offs_p, T, P, sm_scale2, pscale,
-                                      BLOCK_N, False, EVEN_T)
+    acc, l_i, m_i, carry = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        carry,
+        q,
+        qp,
+        alpha2,
+        upper,
+        k_base,
+        v_base,
+        kp_base,
+        s_kt,
+        s_vt,
+        s_kpt,
+        0,
+        start_m,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_p,
+        T,
+        P,
+        sm_scale2,
+        pscale,
+        BLOCK_N,
+        False,
+        EVEN_T,
+    )
     hi = tl.minimum(start_m + BLOCK_M, T)
-    acc, l_i, m_i, carry = _fwd_inner(acc, l_i, m_i, carry, q, qp, alpha2, upper, k_base, v_base, kp_base, s_kt, s_vt,
-                                      s_kpt, start_m, hi, offs_m, offs_n, offs_d, offs_p, T, P, sm_scale2, pscale,
-                                      BLOCK_N, True, EVEN_T)
+    acc, l_i, m_i, carry = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        carry,
+        q,
+        qp,
+        alpha2,
+        upper,
+        k_base,
+        v_base,
+        kp_base,
+        s_kt,
+        s_vt,
+        s_kpt,
+        start_m,
+        hi,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_p,
+        T,
+        P,
+        sm_scale2,
+        pscale,
+        BLOCK_N,
+        True,
+        EVEN_T,
+    )
     acc = acc / l_i[:, None]
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -143,12 +257,48 @@ def pathsum_fwd_kernel(Q, K, V, QP, KP, ALPHA, O, L,
 
 # ---- backward: dQ sweep (also dqp, dalpha and the prefix tables) -------------------------------
 
+
 @triton.jit
-def _dq_inner(dq, dqp, dal, carry_c, carry_e, q, do, lse, delta, qp, alpha2, upper, supper,
-              k_base, v_base, kp_base, ct_base, et_base, s_kt, s_vt, s_pt, NT,
-              lo, hi, offs_m, offs_n0, offs_d, offs_p, T, P, sm_scale2, pscale, alpha,
-              BLOCK_N: tl.constexpr, TB: tl.constexpr, MASK: tl.constexpr, EVEN_T: tl.constexpr,
-              NEED_DALPHA: tl.constexpr):
+def _dq_inner(
+    dq,
+    dqp,
+    dal,
+    carry_c,
+    carry_e,
+    q,
+    do,
+    lse,
+    delta,
+    qp,
+    alpha2,
+    upper,
+    supper,
+    k_base,
+    v_base,
+    kp_base,
+    ct_base,
+    et_base,
+    s_kt,
+    s_vt,
+    s_pt,
+    NT,
+    lo,
+    hi,
+    offs_m,
+    offs_n0,
+    offs_d,
+    offs_p,
+    T,
+    P,
+    sm_scale2,
+    pscale,
+    alpha,
+    BLOCK_N: tl.constexpr,
+    TB: tl.constexpr,
+    MASK: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    NEED_DALPHA: tl.constexpr,
+):
     row_ok = offs_m < T
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -157,8 +307,9 @@ def _dq_inner(dq, dqp, dal, carry_c, carry_e, q, do, lse, delta, qp, alpha2, upp
             tl.store(et_base + offs_m * NT + start_n // TB, carry_e, mask=row_ok)
         cols = start_n + offs_n0
         col_ok = cols < T
-        kp = tl.load(kp_base + cols[:, None] * s_pt + offs_p[None, :], mask=col_ok[:, None] & (offs_p[None, :] < P),
-                     other=0.0)
+        kp = tl.load(
+            kp_base + cols[:, None] * s_pt + offs_p[None, :], mask=col_ok[:, None] & (offs_p[None, :] < P), other=0.0
+        )
         z = _dot3(qp, tl.trans(kp)) * pscale
         psi2, e, l1p = _psi(z, alpha2)
         c_tile = carry_c[:, None] + _prefix_cols(psi2, upper)
@@ -190,12 +341,58 @@ def _dq_inner(dq, dqp, dal, carry_c, carry_e, q, do, lse, delta, qp, alpha2, upp
 
 
 @triton.jit
-def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT, ET,
-                          s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                          s_pb, s_ph, s_pt, s_kpb, s_kph, s_kpt, s_dob, s_doh, s_dot, s_dqb, s_dqh, s_dqt,
-                          H, T, GROUP, P, NT, sm_scale, sm_scale2, pscale,
-                          D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          TB: tl.constexpr, EVEN_T: tl.constexpr, NEED_DALPHA: tl.constexpr):
+def pathsum_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    QP,
+    KP,
+    ALPHA,
+    DO,
+    L,
+    DELTA,
+    DQ,
+    DQP,
+    DAL,
+    CT,
+    ET,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_kb,
+    s_kh,
+    s_kt,
+    s_vb,
+    s_vh,
+    s_vt,
+    s_pb,
+    s_ph,
+    s_pt,
+    s_kpb,
+    s_kph,
+    s_kpt,
+    s_dob,
+    s_doh,
+    s_dot,
+    s_dqb,
+    s_dqh,
+    s_dqt,
+    H,
+    T,
+    GROUP,
+    P,
+    NT,
+    sm_scale,
+    sm_scale2,
+    pscale,
+    D: tl.constexpr,
+    PP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TB: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    NEED_DALPHA: tl.constexpr,
+):
     pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -203,8 +400,11 @@ def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT
     q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, False)
     do = load_rows(DO + b * s_dob + h * s_doh, offs_m, s_dot, offs_d, row_ok, False)
     lse, delta = load_row_stats(L + pid_bh * T + offs_m, DELTA + pid_bh * T + offs_m, row_ok, False)
-    qp = tl.load(QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pt + offs_p[None, :],
-                 mask=row_ok[:, None] & (offs_p[None, :] < P), other=0.0)
+    qp = tl.load(
+        QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pt + offs_p[None, :],
+        mask=row_ok[:, None] & (offs_p[None, :] < P),
+        other=0.0,
+    )
     alpha = tl.load(ALPHA + h)
     alpha2 = alpha * LOG2E
     k_base = K + b * s_kb + hk * s_kh
@@ -221,31 +421,138 @@ def pathsum_bwd_dq_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DQ, DQP, DAL, CT
     upper = _bf16((tri[:, None] <= tri[None, :]).to(tl.float32))
     supper = _bf16((tri[:, None] < tri[None, :]).to(tl.float32))  # strictly upper: exclusive prefix
     dq, dqp, dal, carry_c, carry_e = _dq_inner(
-        dq, dqp, dal, carry_c, carry_e, q, do, lse, delta, qp, alpha2, upper, supper,
-        k_base, v_base, kp_base, ct_base, et_base, s_kt, s_vt, s_kpt, NT,
-        0, start_m, offs_m, offs_n0, offs_d, offs_p, T, P, sm_scale2, pscale, alpha,
-        BLOCK_N, TB, False, EVEN_T, NEED_DALPHA)
+        dq,
+        dqp,
+        dal,
+        carry_c,
+        carry_e,
+        q,
+        do,
+        lse,
+        delta,
+        qp,
+        alpha2,
+        upper,
+        supper,
+        k_base,
+        v_base,
+        kp_base,
+        ct_base,
+        et_base,
+        s_kt,
+        s_vt,
+        s_kpt,
+        NT,
+        0,
+        start_m,
+        offs_m,
+        offs_n0,
+        offs_d,
+        offs_p,
+        T,
+        P,
+        sm_scale2,
+        pscale,
+        alpha,
+        BLOCK_N,
+        TB,
+        False,
+        EVEN_T,
+        NEED_DALPHA,
+    )
     hi = tl.minimum(start_m + BLOCK_M, T)
     dq, dqp, dal, carry_c, carry_e = _dq_inner(
-        dq, dqp, dal, carry_c, carry_e, q, do, lse, delta, qp, alpha2, upper, supper,
-        k_base, v_base, kp_base, ct_base, et_base, s_kt, s_vt, s_kpt, NT,
-        start_m, hi, offs_m, offs_n0, offs_d, offs_p, T, P, sm_scale2, pscale, alpha,
-        BLOCK_N, TB, True, EVEN_T, NEED_DALPHA)
-    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(DQP + pid_bh * T * P + offs_m[:, None] * P + offs_p[None, :], dqp,
-             mask=row_ok[:, None] & (offs_p[None, :] < P))
+        dq,
+        dqp,
+        dal,
+        carry_c,
+        carry_e,
+        q,
+        do,
+        lse,
+        delta,
+        qp,
+        alpha2,
+        upper,
+        supper,
+        k_base,
+        v_base,
+        kp_base,
+        ct_base,
+        et_base,
+        s_kt,
+        s_vt,
+        s_kpt,
+        NT,
+        start_m,
+        hi,
+        offs_m,
+        offs_n0,
+        offs_d,
+        offs_p,
+        T,
+        P,
+        sm_scale2,
+        pscale,
+        alpha,
+        BLOCK_N,
+        TB,
+        True,
+        EVEN_T,
+        NEED_DALPHA,
+    )
+    tl.store(
+        DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    tl.store(
+        DQP + pid_bh * T * P + offs_m[:, None] * P + offs_p[None, :], dqp, mask=row_ok[:, None] & (offs_p[None, :] < P)
+    )
     if NEED_DALPHA:
         tl.store(DAL + pid_bh * T + offs_m, dal, mask=row_ok)
 
 
 # ---- backward: dK/dV (and dkp), one program per (KV head, key block) -----------------------------
 
+
 @triton.jit
-def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
-                q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt, NT, n_tab,
-                lo, hi, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2, pscale,
-                BLOCK_M: tl.constexpr, MASK: tl.constexpr):
+def _dkdv_inner(
+    dk,
+    dv,
+    dkp,
+    k,
+    v,
+    kp,
+    alpha2,
+    alpha,
+    upper,
+    supper,
+    q_base,
+    do_base,
+    qp_base,
+    l_base,
+    dl_base,
+    ct_base,
+    et_base,
+    s_qt,
+    s_dot,
+    s_pt,
+    NT,
+    n_tab,
+    lo,
+    hi,
+    offs_n,
+    offs_m0,
+    offs_d,
+    offs_p,
+    T,
+    P,
+    sm_scale2,
+    pscale,
+    BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr,
+):
     # Every load is masked (no EVEN_T variant). Tiles are laid out (query rows, key columns) as in
     # the dQ sweep, and dK/dV/dkp take transposed products. (A (key, query) layout with the prefix as
     # lower-triangular @ x was exact in the interpreter but made illegal memory accesses on the H200.)
@@ -256,8 +563,9 @@ def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
         q = load_rows(q_base, rows, s_qt, offs_d, row_ok, False)
         do = load_rows(do_base, rows, s_dot, offs_d, row_ok, False)
         lse, delta = load_row_stats(l_base + rows, dl_base + rows, row_ok, False)
-        qp = tl.load(qp_base + rows[:, None] * s_pt + offs_p[None, :], mask=row_ok[:, None] & (offs_p[None, :] < P),
-                     other=0.0)
+        qp = tl.load(
+            qp_base + rows[:, None] * s_pt + offs_p[None, :], mask=row_ok[:, None] & (offs_p[None, :] < P), other=0.0
+        )
         c0 = tl.load(ct_base + rows * NT + n_tab, mask=row_ok, other=0.0)
         e0 = tl.load(et_base + rows * NT + n_tab, mask=row_ok, other=0.0)
         z = _dot3(qp, tl.trans(kp)) * pscale  # (M, N)
@@ -282,12 +590,59 @@ def _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
 
 
 @triton.jit
-def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, CT, ET,
-                            s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                            s_pb, s_ph, s_pt, s_kpb, s_kph, s_kpt, s_dob, s_doh, s_dot,
-                            s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
-                            H, HKV, T, GROUP, P, NT, sm_scale, sm_scale2, pscale,
-                            D: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def pathsum_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    QP,
+    KP,
+    ALPHA,
+    DO,
+    L,
+    DELTA,
+    DK,
+    DV,
+    DKP,
+    CT,
+    ET,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_kb,
+    s_kh,
+    s_kt,
+    s_vb,
+    s_vh,
+    s_vt,
+    s_pb,
+    s_ph,
+    s_pt,
+    s_kpb,
+    s_kph,
+    s_kpt,
+    s_dob,
+    s_doh,
+    s_dot,
+    s_dkb,
+    s_dkh,
+    s_dkt,
+    s_dvb,
+    s_dvh,
+    s_dvt,
+    H,
+    HKV,
+    T,
+    GROUP,
+    P,
+    NT,
+    sm_scale,
+    sm_scale2,
+    pscale,
+    D: tl.constexpr,
+    PP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_bh, b, hk, pid_n, start_n, offs_n, col_ok = key_block(HKV, T, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -305,8 +660,11 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
         bh = b * H + h
         alpha = tl.load(ALPHA + h)
         alpha2 = alpha * LOG2E
-        kp = tl.load(KP + b * s_kpb + h * s_kph + offs_n[:, None] * s_kpt + offs_p[None, :],
-                     mask=col_ok[:, None] & (offs_p[None, :] < P), other=0.0)
+        kp = tl.load(
+            KP + b * s_kpb + h * s_kph + offs_n[:, None] * s_kpt + offs_p[None, :],
+            mask=col_ok[:, None] & (offs_p[None, :] < P),
+            other=0.0,
+        )
         q_base = Q + b * s_qb + h * s_qh
         do_base = DO + b * s_dob + h * s_doh
         qp_base = QP + b * s_pb + h * s_ph
@@ -315,17 +673,88 @@ def pathsum_bwd_dkdv_kernel(Q, K, V, QP, KP, ALPHA, DO, L, DELTA, DK, DV, DKP, C
         ct_base = CT + bh * T * NT
         et_base = ET + bh * T * NT
         dkp = tl.zeros([BLOCK_N, PP], tl.float32)
-        dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
-                                  q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt,
-                                  NT, pid_n, start_n, hi_diag, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2, pscale,
-                                  BLOCK_M, True)
-        dk, dv, dkp = _dkdv_inner(dk, dv, dkp, k, v, kp, alpha2, alpha, upper, supper,
-                                  q_base, do_base, qp_base, l_base, dl_base, ct_base, et_base, s_qt, s_dot, s_pt,
-                                  NT, pid_n, start_n + BLOCK_N, T, offs_n, offs_m0, offs_d, offs_p, T, P, sm_scale2,
-                                  pscale, BLOCK_M, False)
-        tl.store(DKP + bh * T * P + offs_n[:, None] * P + offs_p[None, :], dkp,
-                 mask=col_ok[:, None] & (offs_p[None, :] < P))
-    tl.store(DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+        dk, dv, dkp = _dkdv_inner(
+            dk,
+            dv,
+            dkp,
+            k,
+            v,
+            kp,
+            alpha2,
+            alpha,
+            upper,
+            supper,
+            q_base,
+            do_base,
+            qp_base,
+            l_base,
+            dl_base,
+            ct_base,
+            et_base,
+            s_qt,
+            s_dot,
+            s_pt,
+            NT,
+            pid_n,
+            start_n,
+            hi_diag,
+            offs_n,
+            offs_m0,
+            offs_d,
+            offs_p,
+            T,
+            P,
+            sm_scale2,
+            pscale,
+            BLOCK_M,
+            True,
+        )
+        dk, dv, dkp = _dkdv_inner(
+            dk,
+            dv,
+            dkp,
+            k,
+            v,
+            kp,
+            alpha2,
+            alpha,
+            upper,
+            supper,
+            q_base,
+            do_base,
+            qp_base,
+            l_base,
+            dl_base,
+            ct_base,
+            et_base,
+            s_qt,
+            s_dot,
+            s_pt,
+            NT,
+            pid_n,
+            start_n + BLOCK_N,
+            T,
+            offs_n,
+            offs_m0,
+            offs_d,
+            offs_p,
+            T,
+            P,
+            sm_scale2,
+            pscale,
+            BLOCK_M,
+            False,
+        )
+        tl.store(
+            DKP + bh * T * P + offs_n[:, None] * P + offs_p[None, :], dkp, mask=col_ok[:, None] & (offs_p[None, :] < P)
+        )
+    tl.store(
+        DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],
+        (dk * sm_scale).to(DK.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+    tl.store(
+        DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvt + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok[:, None],
+    )

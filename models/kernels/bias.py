@@ -6,6 +6,7 @@ read the factors directly. Heads are the attention heads fed to the kernel. Batc
 (broadcast). The causal mask is always the kernel's job, so tiles may hold any value above the
 diagonal.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,10 @@ class LowRankBias(AttentionBias):
 
     def __post_init__(self):
         if self.q_terms.shape[-1] != self.k_terms.shape[-1] or self.q_terms.dim() != 4:
-            raise ValueError(f"LowRankBias factors must be (B, H, T, R) with equal R, got "
-                             f"{tuple(self.q_terms.shape)} and {tuple(self.k_terms.shape)}")
+            raise ValueError(
+                f"LowRankBias factors must be (B, H, T, R) with equal R, got "
+                f"{tuple(self.q_terms.shape)} and {tuple(self.k_terms.shape)}"
+            )
 
     @property
     def rank(self) -> int:
@@ -83,7 +86,9 @@ class PathSumBias(AttentionBias):
         start = rows.start or 0
         qp = self.q_probe[:, :, rows].float()
         kp = self.k_probe[:, :, :n_keys].float()
-        psi = self.alpha.float()[None, :, None, None] * F.logsigmoid(torch.matmul(qp, kp.transpose(-1, -2)) * self.scale)
+        psi = self.alpha.float()[None, :, None, None] * F.logsigmoid(
+            torch.matmul(qp, kp.transpose(-1, -2)) * self.scale
+        )
         t = torch.arange(start, start + qp.shape[2], device=qp.device)[:, None]
         link = torch.arange(n_keys, device=qp.device)[None, :]
         psi = psi.masked_fill(link > t, 0.0)

@@ -7,6 +7,7 @@ doc_ids[b, j] == doc_ids[b, i], so every query sees at least itself. Packed-styl
 (`cu_seqlens`, as in varlen flash-attention) convert to this form with `doc_ids_from_cu_seqlens`.
 All helpers are device-side tensor ops (no host sync).
 """
+
 from __future__ import annotations
 
 import torch

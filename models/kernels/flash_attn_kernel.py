@@ -3,9 +3,9 @@
 On Hopper cuDNN (through SDPA) is faster and keeps priority; elsewhere flash_attn is preferred
 over SDPA's bundled FlashAttention-2 when installed. Plain causal attention only.
 """
-from flash_attn import flash_attn_func  # noqa: F401  (ImportError -> not registered)
 
-from models.kernels import _is_cuda_half, register_kernel
+from flash_attn import flash_attn_func  # noqa: F401  (ImportError -> not registered)
+from pelab.models.kernels import _is_cuda_half, register_kernel
 
 
 def _run(q, k, v, bias, scale):

@@ -16,15 +16,15 @@ kernel, so large position or cumulative-gate terms keep their fp32 precision.
 Document masking (`doc_ids`): a per-call BlockMask from the mask_mod "causal and same document"
 (it depends on the data, so it is not cached); fully masked blocks are skipped by FlexAttention.
 """
+
 from __future__ import annotations
 
 import torch
+from pelab.models.kernels.bias import LowRankBias
 from torch import Tensor
 
-from models.kernels.bias import LowRankBias
-
 MAX_RANK = 4
-_INT_LIMIT = 2 ** 31
+_INT_LIMIT = 2**31
 _MASKS: dict[tuple[int, str], object] = {}
 _COMPILED: list = []
 
@@ -99,8 +99,9 @@ def _score_mod(a_terms, b_terms, d_terms, batch_bcast: bool, head_bcast: bool):
     return score_mod
 
 
-def flex_lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | None, scale: float,
-                           doc_ids: Tensor | None = None) -> Tensor:
+def flex_lowrank_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | None, scale: float, doc_ids: Tensor | None = None
+) -> Tensor:
     B, H, T, D = q.shape
     fn = None
     if torch.compiler.is_compiling():
@@ -131,16 +132,32 @@ def flex_lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | 
     if needs_grad:
         chunk = max(1, (_INT_LIMIT - 1) // (H * T * T))
     if chunk >= B:
-        return fn(q, k, v, score_mod=_score_mod(a_terms, b_terms, d_terms, bb, hb), block_mask=mask_for(slice(None)),
-                  scale=scale, enable_gqa=gqa)
+        return fn(
+            q,
+            k,
+            v,
+            score_mod=_score_mod(a_terms, b_terms, d_terms, bb, hb),
+            block_mask=mask_for(slice(None)),
+            scale=scale,
+            enable_gqa=gqa,
+        )
     outs = []
     for s in range(0, B, chunk):
         sl = slice(s, s + chunk)
         at = a_terms if bb else [t[sl] for t in a_terms]
         bt = b_terms if bb else [t[sl] for t in b_terms]
         dt = d_terms if bb else [t[sl] for t in d_terms]
-        outs.append(fn(q[sl], k[sl], v[sl], score_mod=_score_mod(at, bt, dt, bb, hb), block_mask=mask_for(sl),
-                       scale=scale, enable_gqa=gqa))
+        outs.append(
+            fn(
+                q[sl],
+                k[sl],
+                v[sl],
+                score_mod=_score_mod(at, bt, dt, bb, hb),
+                block_mask=mask_for(sl),
+                scale=scale,
+                enable_gqa=gqa,
+            )
+        )
     return torch.cat(outs, dim=0)
 
 

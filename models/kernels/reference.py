@@ -5,14 +5,14 @@ Both accept every bias type through `AttentionBias.tile`, and document masking (
 blocks against their key prefix and recomputes each block in backward (activation
 checkpointing), so memory stays O(block * T) instead of O(T^2); it runs anywhere, including CPU.
 """
+
 from __future__ import annotations
 
 import torch
+from pelab.models.kernels.bias import AttentionBias
+from pelab.models.kernels.documents import same_document
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-
-from models.kernels.bias import AttentionBias
-from models.kernels.documents import same_document
 
 
 def _expand_kv(k: Tensor, n_heads: int) -> Tensor:
@@ -21,8 +21,15 @@ def _expand_kv(k: Tensor, n_heads: int) -> Tensor:
     return k if group == 1 else k.repeat_interleave(group, dim=1)
 
 
-def _block(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, start: int, scale: float,
-           docs: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def _block(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    start: int,
+    scale: float,
+    docs: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Causal softmax attention of query rows start.. against keys 0..k.shape[2]-1, in fp32.
     docs: (query rows' doc ids (B, M), keys' doc ids (B, N)) to mask keys of other documents."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
@@ -37,8 +44,9 @@ def _block(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, start: int, sca
     return torch.matmul(scores.softmax(dim=-1), v.float())
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, scale: float,
-                    doc_ids: Tensor | None = None) -> Tensor:
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, scale: float, doc_ids: Tensor | None = None
+) -> Tensor:
     """fp32 reference. q: (B, Hq, T, D), k/v: (B, Hkv, T, D) -> (B, Hq, T, D) in q's dtype;
     doc_ids: optional (B, T) document ids (attention stays within each document)."""
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
@@ -47,8 +55,15 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
     return out.to(q.dtype)
 
 
-def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None, scale: float,
-                      block: int = 256, doc_ids: Tensor | None = None) -> Tensor:
+def chunked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: AttentionBias | None,
+    scale: float,
+    block: int = 256,
+    doc_ids: Tensor | None = None,
+) -> Tensor:
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     T = q.shape[2]
     outs = []

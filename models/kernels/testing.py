@@ -1,12 +1,12 @@
 """Bias factors with the values the PEs produce at init, for kernel tests and benchmarks."""
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
-
-from models.kernels.bias import LowRankBias, PathSumBias
+from pelab.models.kernels.bias import LowRankBias, PathSumBias
 
 
 def realistic_biases(B: int, H: int, T: int, device, gen=None, requires_grad=True) -> dict:
@@ -17,8 +17,13 @@ def realistic_biases(B: int, H: int, T: int, device, gen=None, requires_grad=Tru
     slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], **f32)
     pos = torch.arange(T, **f32)
     out = {}
-    out["alibi"] = (LowRankBias(slopes[None, :, None, None].expand(1, H, T, 1).contiguous(),
-                                pos[None, None, :, None].expand(1, H, T, 1).contiguous()), [])
+    out["alibi"] = (
+        LowRankBias(
+            slopes[None, :, None, None].expand(1, H, T, 1).contiguous(),
+            pos[None, None, :, None].expand(1, H, T, 1).contiguous(),
+        ),
+        [],
+    )
     logit = torch.randn(B, H, T, generator=gen, **f32).requires_grad_(requires_grad)
     c = F.logsigmoid(logit).cumsum(-1)
     out["fox"] = (LowRankBias(torch.ones(1, H, T, 1, **f32), -c[..., None]), [logit])
@@ -32,7 +37,11 @@ def realistic_biases(B: int, H: int, T: int, device, gen=None, requires_grad=Tru
     out["grape_a_qk"] = (LowRankBias(qa, kb), [lq, lk])
     P = 8
     qp = (torch.randn(B, H, T, P, generator=gen, **f32) * 1.0).requires_grad_(requires_grad)
-    kp = F.normalize(torch.randn(B, H, T, P, generator=gen, **f32), dim=-1).mul(math.sqrt(P)).requires_grad_(requires_grad)
+    kp = (
+        F.normalize(torch.randn(B, H, T, P, generator=gen, **f32), dim=-1)
+        .mul(math.sqrt(P))
+        .requires_grad_(requires_grad)
+    )
     out["grape_ap"] = (PathSumBias(qp, kp, slopes, 1.0 / P), [qp, kp])
     return out
 

@@ -10,15 +10,15 @@ Document masking: `doc_ids` (int32 (B, T), non-decreasing per row; `models.kerne
 keeps attention within each document, in the forward and every gradient; blocks that lie wholly
 in other documents are skipped. `lowrank_attention` also takes packed `cu_seqlens` and converts them.
 """
+
 from __future__ import annotations
 
 import os
 
 import torch
+from pelab.models.kernels.bias import LowRankBias
+from pelab.models.kernels.documents import doc_bounds, doc_ids_from_cu_seqlens
 from torch import Tensor
-
-from models.kernels.bias import LowRankBias
-from models.kernels.documents import doc_bounds, doc_ids_from_cu_seqlens
 
 MAX_RANK = 4
 HEAD_DIMS = (16, 32, 64, 128)
@@ -51,7 +51,10 @@ def apply_config_override(section: str, configs: dict) -> None:
 FP32_DELTA = [False]
 # Small blocks for the CPU interpreter (tests): several blocks even at tiny T.
 INTERPRET_CONFIGS: dict[str, tuple[int, int, int, int]] = {
-    "fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+    "fwd": (32, 16, 4, 1),
+    "dkdv": (16, 32, 4, 1),
+    "dq": (32, 16, 4, 1),
+}
 
 
 def interpret_mode() -> bool:
@@ -61,7 +64,7 @@ def interpret_mode() -> bool:
 def _jit():
     # Imported on first use: Triton decides "interpreted or compiled" when the kernels are defined
     # (TRITON_INTERPRET=1 must be set before, as tests/test_kernels.py's CPU subprocess does).
-    from models.kernels import _tl_lowrank
+    from pelab.models.kernels import _tl_lowrank
 
     return _tl_lowrank
 
@@ -109,9 +112,19 @@ def _doc_args(doc: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 # ---- custom ops ---------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("pelab::lowrank_attn_fwd", mutates_args=())
-def lowrank_attn_fwd(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, scale: float,
-                     rank: int, store_lo: bool, doc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def lowrank_attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: float,
+    rank: int,
+    store_lo: bool,
+    doc: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     tlk = _jit()
@@ -123,11 +136,36 @@ def lowrank_attn_fwd(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, scal
     BM, BN, warps, stages = _cfg("fwd", D, q.device)
     grid = (B * H, triton_cdiv(T, BM))
     tlk.lowrank_fwd_kernel[grid](
-        q, k, v, a, b, o, lse, o_lo if store_lo else o, doc_ids, doc_start,
-        *_s(q), *_s(k), *_s(v), *_s(o), *_s(a), *_s(b),
-        H, T, H // Hkv, scale * 1.4426950408889634,
-        R=rank, D=D, BLOCK_M=BM, BLOCK_N=BN, EVEN_T=T % BM == 0 and T % BN == 0, STORE_LO=store_lo,
-        HAS_DOC=doc is not None, num_warps=warps, num_stages=stages)
+        q,
+        k,
+        v,
+        a,
+        b,
+        o,
+        lse,
+        o_lo if store_lo else o,
+        doc_ids,
+        doc_start,
+        *_s(q),
+        *_s(k),
+        *_s(v),
+        *_s(o),
+        *_s(a),
+        *_s(b),
+        H,
+        T,
+        H // Hkv,
+        scale * 1.4426950408889634,
+        R=rank,
+        D=D,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        EVEN_T=T % BM == 0 and T % BN == 0,
+        STORE_LO=store_lo,
+        HAS_DOC=doc is not None,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return o, lse, o_lo
 
 
@@ -139,9 +177,22 @@ def _(q, k, v, a, b, scale, rank, store_lo, doc=None):
 
 
 @torch.library.custom_op("pelab::lowrank_attn_bwd", mutates_args=())
-def lowrank_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, o: Tensor,
-                     lse: Tensor, o_lo: Tensor, scale: float, rank: int, need_da: bool,
-                     need_db: bool, doc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def lowrank_attn_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    o_lo: Tensor,
+    scale: float,
+    rank: int,
+    need_da: bool,
+    need_db: bool,
+    doc: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     tlk = _jit()
@@ -150,29 +201,99 @@ def lowrank_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: 
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     blk = 64 if q.device.type == "cuda" else 16
     has_lo = o_lo.numel() > 0
-    tlk.bwd_delta_kernel[(B * H, triton_cdiv(T, blk))](o, do, delta, o_lo if has_lo else o, *_s(o), *_s(do), H, T,
-                                                      D=D, BLOCK=blk, HAS_LO=has_lo)
+    tlk.bwd_delta_kernel[(B * H, triton_cdiv(T, blk))](
+        o, do, delta, o_lo if has_lo else o, *_s(o), *_s(do), H, T, D=D, BLOCK=blk, HAS_LO=has_lo
+    )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     R = max(rank, 1)
-    da = torch.empty(B, H, T, R, device=q.device, dtype=torch.float32) if need_da else q.new_empty(0, dtype=torch.float32)
-    db = torch.empty(B, H, T, R, device=q.device, dtype=torch.float32) if need_db else q.new_empty(0, dtype=torch.float32)
+    da = (
+        torch.empty(B, H, T, R, device=q.device, dtype=torch.float32)
+        if need_da
+        else q.new_empty(0, dtype=torch.float32)
+    )
+    db = (
+        torch.empty(B, H, T, R, device=q.device, dtype=torch.float32)
+        if need_db
+        else q.new_empty(0, dtype=torch.float32)
+    )
     sm2 = scale * 1.4426950408889634
     BM, BN, warps, stages = _cfg("dkdv", D, q.device)
     tlk.lowrank_bwd_dkdv_kernel[(B * Hkv, triton_cdiv(T, BN))](
-        q, k, v, a, b, do, lse, delta, dk, dv, db, doc_ids, doc_end,
-        *_s(q), *_s(k), *_s(v), *_s(a), *_s(b), *_s(do), *_s(dk), *_s(dv),
-        H, Hkv, T, H // Hkv, scale, sm2,
-        R=rank, D=D, BLOCK_M=BM, BLOCK_N=BN, EVEN_T=T % BM == 0 and T % BN == 0, NEED_DB=need_db and rank > 0,
-        HAS_DOC=doc is not None, num_warps=warps, num_stages=stages)
+        q,
+        k,
+        v,
+        a,
+        b,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        db,
+        doc_ids,
+        doc_end,
+        *_s(q),
+        *_s(k),
+        *_s(v),
+        *_s(a),
+        *_s(b),
+        *_s(do),
+        *_s(dk),
+        *_s(dv),
+        H,
+        Hkv,
+        T,
+        H // Hkv,
+        scale,
+        sm2,
+        R=rank,
+        D=D,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        EVEN_T=T % BM == 0 and T % BN == 0,
+        NEED_DB=need_db and rank > 0,
+        HAS_DOC=doc is not None,
+        num_warps=warps,
+        num_stages=stages,
+    )
     BM, BN, warps, stages = _cfg("dq", D, q.device)
     tlk.lowrank_bwd_dq_kernel[(B * H, triton_cdiv(T, BM))](
-        q, k, v, a, b, do, lse, delta, dq, da, doc_ids, doc_start,
-        *_s(q), *_s(k), *_s(v), *_s(a), *_s(b), *_s(do), *_s(dq),
-        H, T, H // Hkv, scale, sm2,
-        R=rank, D=D, BLOCK_M=BM, BLOCK_N=BN, EVEN_T=T % BM == 0 and T % BN == 0, NEED_DA=need_da and rank > 0,
-        HAS_DOC=doc is not None, num_warps=warps, num_stages=stages)
+        q,
+        k,
+        v,
+        a,
+        b,
+        do,
+        lse,
+        delta,
+        dq,
+        da,
+        doc_ids,
+        doc_start,
+        *_s(q),
+        *_s(k),
+        *_s(v),
+        *_s(a),
+        *_s(b),
+        *_s(do),
+        *_s(dq),
+        H,
+        T,
+        H // Hkv,
+        scale,
+        sm2,
+        R=rank,
+        D=D,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        EVEN_T=T % BM == 0 and T % BN == 0,
+        NEED_DA=need_da and rank > 0,
+        HAS_DOC=doc is not None,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return dq, dk, dv, da, db
 
 
@@ -196,8 +317,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _dlse, _dlo):
     q, k, v, a, b, o, lse, o_lo, doc = ctx.saved_tensors
     need_da, need_db = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    dq, dk, dv, da, db = lowrank_attn_bwd(do, q, k, v, a, b, o, lse, o_lo, ctx.scale, ctx.rank, need_da, need_db,
-                                          doc)
+    dq, dk, dv, da, db = lowrank_attn_bwd(do, q, k, v, a, b, o, lse, o_lo, ctx.scale, ctx.rank, need_da, need_db, doc)
     return dq, dk, dv, (da if need_da else None), (db if need_db else None), None, None, None, None
 
 
@@ -210,8 +330,16 @@ def triton_cdiv(a: int, b: int) -> int:
 
 # ---- public entry ---------------------------------------------------------------------------------
 
-def lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | None, scale: float,
-                      cu_seqlens: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
+
+def lowrank_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: LowRankBias | None,
+    scale: float,
+    cu_seqlens: Tensor | None = None,
+    doc_ids: Tensor | None = None,
+) -> Tensor:
     """q: (B, Hq, T, D); k, v: (B, Hkv, T, D) (last dim contiguous); bias factors fp32
     (B|1, Hq|1, T, R). Documents (optional, one of): doc_ids int32 (B, T), non-decreasing per row,
     or cu_seqlens, packed boundaries over the B*T flattened tokens (`doc_ids_from_cu_seqlens`).
@@ -228,8 +356,7 @@ def lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | None,
     else:
         # expand's backward sums the kernel's (B, H, T, R) factor gradients over broadcast dims
         a, b, rank = _factor_view(bias.q_terms, B, H), _factor_view(bias.k_terms, B, H), bias.rank
-    store_lo = (FP32_DELTA[0] and rank > 0 and torch.is_grad_enabled()
-                and (a.requires_grad or b.requires_grad))
+    store_lo = FP32_DELTA[0] and rank > 0 and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     o, _, _ = lowrank_attn_fwd(q, k, v, a, b, float(scale), rank, bool(store_lo), doc_ids)
     return o
 
@@ -237,8 +364,11 @@ def lowrank_attention(q: Tensor, k: Tensor, v: Tensor, bias: LowRankBias | None,
 def supports(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
     if bias is not None and not isinstance(bias, LowRankBias):
         return False
-    if bias is not None and (bias.rank > MAX_RANK or bias.q_terms.shape[1] not in (1, q.shape[1])
-                             or bias.k_terms.shape[1] not in (1, q.shape[1])):
+    if bias is not None and (
+        bias.rank > MAX_RANK
+        or bias.q_terms.shape[1] not in (1, q.shape[1])
+        or bias.k_terms.shape[1] not in (1, q.shape[1])
+    ):
         return False
     return runnable(q, k, v)
 

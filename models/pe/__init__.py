@@ -2,11 +2,13 @@
 
 `build_pe({"name": "rope", "base": 10000.0}, shape)` makes one PE instance for one layer.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from models.pe.base import AttentionShape, HeadLayout, PositionalEncoding
+from pelab.models.pe.base import AttentionShape, HeadLayout, PositionalEncoding
 
 _REGISTRY: dict[str, type[PositionalEncoding]] = {}
 
@@ -38,6 +40,6 @@ def build_pe(spec: dict[str, Any], shape: AttentionShape) -> PositionalEncoding:
 
 
 # Importing the modules registers them.
-from models.pe import alibi, fox, grape_a, grape_ap, grape_m, nope, rope, ropepp  # noqa: E402,F401
+from pelab.models.pe import alibi, fox, grape_a, grape_ap, grape_m, nope, rope, ropepp  # noqa: E402,F401
 
 __all__ = ["AttentionShape", "HeadLayout", "PositionalEncoding", "available", "build_pe", "register"]

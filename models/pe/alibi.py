@@ -8,16 +8,16 @@ computed over the attention heads the kernel sees (`layout().attn_heads`).
 Fast path: softmax ignores per-row constants, so -m_h (i - j) == +m_h * j; a rank-1 `LowRankBias`
 with q_terms = 1 and k_terms = m_h * j (j centred on the window; see `centered_positions`).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
-
-from models.kernels.bias import LowRankBias
-from models.pe import register
-from models.pe.base import PositionalEncoding
-from models.pe.common import centered_positions
+from pelab.models.kernels.bias import LowRankBias
+from pelab.models.pe import register
+from pelab.models.pe.base import PositionalEncoding
+from pelab.models.pe.common import centered_positions
 
 
 def alibi_slopes(n: int) -> list[float]:

@@ -7,14 +7,14 @@ A PE never sees the backbone and the backbone never branches on a PE's name. A P
   (c) describe an additive attention bias compactly (`models.kernels.bias`), never as a T x T tensor.
 The attention layer hands these to `models.kernels.attend`, which picks the kernel.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from pelab.models.kernels.bias import AttentionBias
 from torch import Tensor, nn
-
-from models.kernels.bias import AttentionBias
 
 
 @dataclass(frozen=True)

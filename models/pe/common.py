@@ -1,4 +1,5 @@
 """Small helpers shared by the positional encodings (no PE lives here)."""
+
 from __future__ import annotations
 
 import math

@@ -16,26 +16,32 @@ FoX-Pro extras, off by default as in the GRAPE comparison ("we do not use FoX-Pr
     is_rms_norm), applied before the gate as in `FusedGroupNormGated`;
   * KV-shift: not duplicated here; use the global add-on `kv_shift=true` (`models.attention.KVShift`).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+from pelab.models.kernels.bias import LowRankBias
+from pelab.models.pe import register
+from pelab.models.pe.base import PositionalEncoding
+from pelab.models.pe.common import cache_detached
 from torch import Tensor, nn
-
-from models.kernels.bias import LowRankBias
-from models.pe import register
-from models.pe.base import PositionalEncoding
-from models.pe.common import cache_detached
 
 
 @register("fox")
 class FoX(PositionalEncoding):
     before_qk_norm = False
 
-    def __init__(self, shape, output_gate: bool = False, output_norm: bool = False, init_std: float = 0.02,
-                 output_norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        shape,
+        output_gate: bool = False,
+        output_norm: bool = False,
+        init_std: float = 0.02,
+        output_norm_eps: float = 1e-5,
+    ):
         super().__init__(shape)
         H, D = self.layout().attn_heads, shape.head_dim
         self.init_std, self.output_norm_eps = float(init_std), float(output_norm_eps)
@@ -61,7 +67,7 @@ class FoX(PositionalEncoding):
         log_f = self.log_forget(x)
         cache_detached(self, "_last_log_f", log_f)
         c = log_f.cumsum(dim=1)
-        c = c - c[:, c.shape[1] // 2: c.shape[1] // 2 + 1]  # per-(b, h) constant: free under softmax
+        c = c - c[:, c.shape[1] // 2 : c.shape[1] // 2 + 1]  # per-(b, h) constant: free under softmax
         k_terms = (-c).transpose(1, 2)[..., None]  # (B, H, T, 1)
         q_terms = torch.ones(1, *k_terms.shape[1:], device=k_terms.device, dtype=torch.float32)
         return LowRankBias(q_terms, k_terms)
@@ -69,7 +75,9 @@ class FoX(PositionalEncoding):
     def transform_output(self, y: Tensor, x: Tensor) -> Tensor:
         if self.onorm_weight is not None:
             H, D = y.shape[2], y.shape[3]
-            y = (F.rms_norm(y.float(), (D,), eps=self.output_norm_eps) * self.onorm_weight.float().view(H, D)).to(y.dtype)
+            y = (F.rms_norm(y.float(), (D,), eps=self.output_norm_eps) * self.onorm_weight.float().view(H, D)).to(
+                y.dtype
+            )
         if self.ogate is not None:
             y = y * torch.sigmoid(self.ogate(x)).view_as(y).to(y.dtype)
         return y
@@ -80,5 +88,9 @@ class FoX(PositionalEncoding):
         if log_f is None:
             return {}
         mean_log_f = log_f.mean()
-        return {"forget_gate_mean": log_f.exp().mean(), "forget_gate_min": log_f.min().exp(),
-                "log_forget_mean": mean_log_f, "half_life_tokens": -math.log(2.0) / mean_log_f}
+        return {
+            "forget_gate_mean": log_f.exp().mean(),
+            "forget_gate_min": log_f.min().exp(),
+            "log_forget_mean": mean_log_f,
+            "half_life_tokens": -math.log(2.0) / mean_log_f,
+        }

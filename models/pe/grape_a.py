@@ -18,19 +18,19 @@ Fast path: with positions p (centred on the window) and the per-row constant -w 
     -w (p_i - p_j)(lq_i + lk_j) == w lq_i * p_j  +  (-w p_i) * lk_j  +  w * (p_j lk_j)
 a `LowRankBias` of rank 1 (-Q), 2 (-K) or 3 (-QK).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+from pelab.models.kernels.bias import LowRankBias
+from pelab.models.pe import register
+from pelab.models.pe.alibi import slopes_tensor
+from pelab.models.pe.base import PositionalEncoding
+from pelab.models.pe.common import cache_detached, centered_positions, softplus_inverse
 from torch import Tensor, nn
-
-from models.kernels.bias import LowRankBias
-from models.pe import register
-from models.pe.alibi import slopes_tensor
-from models.pe.base import PositionalEncoding
-from models.pe.common import cache_detached, centered_positions, softplus_inverse
 
 
 class _GrapeA(PositionalEncoding):

@@ -19,28 +19,34 @@ Fast path: a `PathSumBias` (probes + alpha + scale); kernels build tiles, never 
 The rotation direction of `models.pe.rope.apply_rotary` is the transpose of the GRAPE code's; the two
 are the same model up to flipping the sign of the second half of W_p's probe rows (a symmetric init).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+from pelab.models.kernels.bias import PathSumBias
+from pelab.models.pe import register
+from pelab.models.pe.alibi import slopes_tensor
+from pelab.models.pe.base import PositionalEncoding
+from pelab.models.pe.common import cache_detached, softplus_inverse
+from pelab.models.pe.rope import apply_rotary, rope_cos_sin
 from torch import Tensor, nn
-
-from models.kernels.bias import PathSumBias
-from models.pe import register
-from models.pe.alibi import slopes_tensor
-from models.pe.base import PositionalEncoding
-from models.pe.common import cache_detached, softplus_inverse
-from models.pe.rope import apply_rotary, rope_cos_sin
 
 
 @register("grape_ap")
 class GrapeAP(PositionalEncoding):
     before_qk_norm = False
 
-    def __init__(self, shape, probe_dim: int = 8, query_probe_norm: bool = False, learn_alpha: bool = False,
-                 probe_init_std: float | None = None):
+    def __init__(
+        self,
+        shape,
+        probe_dim: int = 8,
+        query_probe_norm: bool = False,
+        learn_alpha: bool = False,
+        probe_init_std: float | None = None,
+    ):
         super().__init__(shape)
         if probe_dim < 2 or probe_dim % 2:
             raise ValueError(f"grape_ap probe_dim must be even (rotated in planes), got {probe_dim}")
@@ -81,8 +87,11 @@ class GrapeAP(PositionalEncoding):
         with torch.no_grad():
             # O(B H T P) summaries for stats() instead of keeping the probes alive between steps.
             s = (q_probe * k_probe).sum(-1) / self.probe_dim  # similarity on the diagonal l = t
-            cache_detached(self, "_last_probe_stats", torch.stack(
-                (q_probe.pow(2).mean().sqrt(), s.abs().mean(), F.logsigmoid(s).mean())))
+            cache_detached(
+                self,
+                "_last_probe_stats",
+                torch.stack((q_probe.pow(2).mean().sqrt(), s.abs().mean(), F.logsigmoid(s).mean())),
+            )
         return PathSumBias(q_probe, k_probe, self.alpha(), 1.0 / self.probe_dim)
 
     @torch.no_grad()

@@ -32,18 +32,18 @@ The two code versions disagree on the gate and its init (`init_mode`):
   * `first_release` (commit 73b2231, the v1 runs): omega = softplus(W x + b), same b, W re-initialised by
     the global init to N(0, 0.5/sqrt(d_model)) -> omega ~ 1e-3 (starts close to NoPE).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+from pelab.models.pe import register
+from pelab.models.pe.base import PositionalEncoding
+from pelab.models.pe.common import FP32Params, cache_detached, half_split_cos_sin, softplus_inverse
+from pelab.models.pe.rope import apply_rotary, rope_inv_freq
 from torch import Tensor, nn
-
-from models.pe import register
-from models.pe.base import PositionalEncoding
-from models.pe.common import FP32Params, cache_detached, half_split_cos_sin, softplus_inverse
-from models.pe.rope import apply_rotary, rope_inv_freq
 
 
 def _sinc_cosc(z: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -61,9 +61,19 @@ def _sinc_cosc(z: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
 class GrapeM(FP32Params, PositionalEncoding):
     fp32_params = ("log_freq", "basis_skew")
 
-    def __init__(self, shape, base: float = 10000.0, log_freq_scale: float = 16.0, share_across_heads: bool = True,
-                 learnable: bool = True, before_qk_norm: bool = True, form: str = "rope",
-                 planes: int | None = None, basis: str = "learned", series_threshold: float = 0.05):
+    def __init__(
+        self,
+        shape,
+        base: float = 10000.0,
+        log_freq_scale: float = 16.0,
+        share_across_heads: bool = True,
+        learnable: bool = True,
+        before_qk_norm: bool = True,
+        form: str = "rope",
+        planes: int | None = None,
+        basis: str = "learned",
+        series_threshold: float = 0.05,
+    ):
         super().__init__(shape)
         D = shape.head_dim
         if D % 2:
@@ -103,7 +113,9 @@ class GrapeM(FP32Params, PositionalEncoding):
         self.log_freq.copy_(init.expand_as(self.log_freq))
         if self.basis_skew is not None:
             self.basis_skew.zero_()
-            self.triu_index.copy_(torch.triu_indices(self.shape.head_dim, self.shape.head_dim, 1).to(self.triu_index.device))
+            self.triu_index.copy_(
+                torch.triu_indices(self.shape.head_dim, self.shape.head_dim, 1).to(self.triu_index.device)
+            )
 
     def freqs(self) -> Tensor:
         """(kv_heads or 1, planes) fp32 frequencies theta_j."""
@@ -126,7 +138,7 @@ class GrapeM(FP32Params, PositionalEncoding):
         oriented so that exp(n w L_i) rotates exactly like `models.pe.rope.apply_rotary`."""
         Q = self.orthogonal_basis()
         half, m = self.shape.head_dim // 2, self.planes
-        return Q[:, half:half + m].T, Q[:, :m].T
+        return Q[:, half : half + m].T, Q[:, :m].T
 
     def rodrigues(self, x: Tensor, positions: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """G(n) x for x (B, T, H, D) at positions n, in fp32 (also under autocast), without materialising G."""
@@ -149,15 +161,21 @@ class GrapeM(FP32Params, PositionalEncoding):
             return self.rodrigues(q, positions, a, b), self.rodrigues(k, positions, a, b)
         cos, sin = half_split_cos_sin(positions.float()[:, None, None] * self.freqs()[None])  # (T, kv_heads or 1, D)
         q_heads = q.shape[2]
-        return (apply_rotary(q, self._per_query_head(cos, q_heads), self._per_query_head(sin, q_heads)),
-                apply_rotary(k, cos, sin))
+        return (
+            apply_rotary(q, self._per_query_head(cos, q_heads), self._per_query_head(sin, q_heads)),
+            apply_rotary(k, cos, sin),
+        )
 
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:
         log_theta = self.log_freq.float() / self.log_freq_scale
         drift = (log_theta - self.initial_log_freq().to(log_theta.device)).abs()
-        out = {"freq_max": log_theta.max().exp(), "freq_min": log_theta.min().exp(),
-               "log_freq_drift_mean": drift.mean(), "log_freq_drift_max": drift.max()}
+        out = {
+            "freq_max": log_theta.max().exp(),
+            "freq_min": log_theta.min().exp(),
+            "log_freq_drift_mean": drift.mean(),
+            "log_freq_drift_max": drift.max(),
+        }
         if self.basis_skew is not None:
             out["basis_skew_norm"] = self.basis_skew.float().norm()
         return out
@@ -167,9 +185,17 @@ class GrapeM(FP32Params, PositionalEncoding):
 class GrapeMCtx(FP32Params, PositionalEncoding):
     fp32_params = ("log_freq",)
 
-    def __init__(self, shape, base: float = 10000.0, log_freq_scale: float = 1.0, learnable: bool = True,
-                 init_mode: str = "head", init_omega: float = 1e-3, omega_scale: float = 16.0,
-                 before_qk_norm: bool = True):
+    def __init__(
+        self,
+        shape,
+        base: float = 10000.0,
+        log_freq_scale: float = 1.0,
+        learnable: bool = True,
+        init_mode: str = "head",
+        init_omega: float = 1e-3,
+        omega_scale: float = 16.0,
+        before_qk_norm: bool = True,
+    ):
         super().__init__(shape)
         if shape.head_dim % 2:
             raise ValueError(f"GRAPE-M needs an even head_dim, got {shape.head_dim}")
@@ -220,8 +246,11 @@ class GrapeMCtx(FP32Params, PositionalEncoding):
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:
         log_theta = self.log_freq.float() / self.log_freq_scale
-        out = {"freq_max": log_theta.max().exp(), "freq_min": log_theta.min().exp(),
-               "log_freq_drift_mean": (log_theta - self.initial_log_freq().to(log_theta.device)).abs().mean()}
+        out = {
+            "freq_max": log_theta.max().exp(),
+            "freq_min": log_theta.min().exp(),
+            "log_freq_drift_mean": (log_theta - self.initial_log_freq().to(log_theta.device)).abs().mean(),
+        }
         omega = getattr(self, "_last_omega", None)
         if omega is not None:
             out.update(omega_mean=omega.mean(), omega_min=omega.min(), omega_max=omega.max())

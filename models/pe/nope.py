@@ -1,6 +1,7 @@
 """NoPE: no positional information besides the causal mask."""
-from models.pe import register
-from models.pe.base import PositionalEncoding
+
+from pelab.models.pe import register
+from pelab.models.pe.base import PositionalEncoding
 
 
 @register("nope")

@@ -12,23 +12,23 @@ complex numbers or matrix exponentials, biases as explicit (i - j) matrices or e
 links l, biases exact (no per-row constants dropped). `reference_output(pe, y, x)` is the reference of
 `transform_output` (FoX-Pro output norm/gate).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+from pelab.models.pe.alibi import ALiBi
+from pelab.models.pe.base import PositionalEncoding
+from pelab.models.pe.fox import FoX
+from pelab.models.pe.grape_a import _GrapeA
+from pelab.models.pe.grape_ap import GrapeAP
+from pelab.models.pe.grape_m import GrapeM, GrapeMCtx
+from pelab.models.pe.nope import NoPE
+from pelab.models.pe.rope import RoPE
+from pelab.models.pe.ropepp import _RoPEPP
 from torch import Tensor
-
-from models.pe.alibi import ALiBi
-from models.pe.base import PositionalEncoding
-from models.pe.fox import FoX
-from models.pe.grape_a import _GrapeA
-from models.pe.grape_ap import GrapeAP
-from models.pe.grape_m import GrapeM, GrapeMCtx
-from models.pe.nope import NoPE
-from models.pe.rope import RoPE
-from models.pe.ropepp import _RoPEPP
 
 f64 = torch.float64
 _REFS: dict[type, Callable] = {}
@@ -38,6 +38,7 @@ def _ref(cls):
     def wrap(fn):
         _REFS[cls] = fn
         return fn
+
     return wrap
 
 
@@ -56,13 +57,18 @@ def reference_output(pe: PositionalEncoding, y: Tensor, x: Tensor) -> Tensor:
         y, x = y.to(f64), x.to(f64)
         H, D = y.shape[2], y.shape[3]
         if pe.onorm_weight is not None:
-            y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + pe.output_norm_eps) * pe.onorm_weight.to(f64).view(H, D)
+            y = (
+                y
+                / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + pe.output_norm_eps)
+                * pe.onorm_weight.to(f64).view(H, D)
+            )
         if pe.ogate is not None:
             y = y * torch.sigmoid(x @ pe.ogate.weight.to(f64).T).view_as(y)
     return y
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
 
 def _per_head(k: Tensor, heads: int) -> Tensor:
     """(B, T, Hkv, D) -> (B, T, heads, D): head h reads KV head h // (heads / Hkv)."""
@@ -103,6 +109,7 @@ def _lower(T: int, device) -> Tensor:
 
 # ---- references ----------------------------------------------------------------------------------
 
+
 @_ref(NoPE)
 def _nope(pe, q, k, x, positions):
     return _content(q, k)
@@ -111,12 +118,12 @@ def _nope(pe, q, k, x, positions):
 @_ref(RoPE)
 def _rope(pe, q, k, x, positions):
     theta = pe.inv_freq.to(f64)
-    return _complex_inner(q, k, _rotary_angles(positions, theta)).real * pe.magnitude ** 2
+    return _complex_inner(q, k, _rotary_angles(positions, theta)).real * pe.magnitude**2
 
 
 @_ref(_RoPEPP)
 def _ropepp(pe, q, k, x, positions):
-    c = _complex_inner(q, k, _rotary_angles(positions, pe.inv_freq.to(f64))) * pe.magnitude ** 2
+    c = _complex_inner(q, k, _rotary_angles(positions, pe.inv_freq.to(f64))) * pe.magnitude**2
     # Real heads: Re; imaginary heads: -Im of the complex RoPE inner product; interleaved per head.
     B, H, T, S = c.shape
     return torch.stack((c.real, -c.imag), dim=2).reshape(B, 2 * H, T, S)
@@ -129,8 +136,12 @@ def _grape_m(pe, q, k, x, positions):
         if theta.shape[0] == 1:
             return _complex_inner(q, k, _rotary_angles(positions, theta[0])).real
         H, group = q.shape[2], q.shape[2] // theta.shape[0]  # per-KV-head frequencies
-        out = [_complex_inner(q[:, :, h:h + 1], _per_head(k, H)[:, :, h:h + 1],
-                              _rotary_angles(positions, theta[h // group])).real for h in range(H)]
+        out = [
+            _complex_inner(
+                q[:, :, h : h + 1], _per_head(k, H)[:, :, h : h + 1], _rotary_angles(positions, theta[h // group])
+            ).real
+            for h in range(H)
+        ]
         return torch.cat(out, dim=1)
     # Rodrigues form: score(t, s) = q_t^T exp((p_s - p_t) L) k_s with L = sum_i w_i (a_i b_i^T - b_i a_i^T).
     D, half, m = q.shape[-1], q.shape[-1] // 2, pe.planes
@@ -140,7 +151,7 @@ def _grape_m(pe, q, k, x, positions):
         iu = torch.triu_indices(D, D, 1, device=q.device)
         K[iu[0], iu[1]] = pe.basis_skew.detach().to(f64)
         Q = torch.linalg.matrix_exp(K - K.T)
-    a, b = Q[:, half:half + m].T, Q[:, :m].T
+    a, b = Q[:, half : half + m].T, Q[:, :m].T
     gens = torch.einsum("hi,id,ie->hde", theta, a, b)
     L = gens - gens.transpose(-1, -2)  # (heads, D, D)
     p = positions.to(f64)

@@ -4,20 +4,21 @@ Context extension for evaluation or continued training (as used by RoPE++): a ne
 (e.g. 10k -> 500k), linear position interpolation (`scaling=linear`, every frequency / factor)
 or YaRN (`scaling=yarn`).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
+from pelab.models.pe import register
+from pelab.models.pe.base import PositionalEncoding
+from pelab.models.pe.common import half_split_cos_sin
 from torch import Tensor
 
-from models.pe import register
-from models.pe.base import PositionalEncoding
-from models.pe.common import half_split_cos_sin
 
-
-def rope_inv_freq(head_dim: int, base: float, scaling: str = "none", factor: float = 1.0,
-                  original_max_len: int = 4096) -> tuple[Tensor, float]:
+def rope_inv_freq(
+    head_dim: int, base: float, scaling: str = "none", factor: float = 1.0, original_max_len: int = 4096
+) -> tuple[Tensor, float]:
     """Per-pair frequencies theta_i = base^(-2i/D) and the YaRN magnitude scale (1.0 otherwise)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if scaling == "none" or factor == 1.0:
@@ -55,8 +56,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @register("rope")
 class RoPE(PositionalEncoding):
-    def __init__(self, shape, base: float = 10000.0, before_qk_norm: bool = True, scaling: str = "none",
-                 factor: float = 1.0, original_max_len: int = 4096):
+    def __init__(
+        self,
+        shape,
+        base: float = 10000.0,
+        before_qk_norm: bool = True,
+        scaling: str = "none",
+        factor: float = 1.0,
+        original_max_len: int = 4096,
+    ):
         super().__init__(shape)
         if shape.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {shape.head_dim}")

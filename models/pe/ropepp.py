@@ -17,13 +17,13 @@ the repeat_interleave GQA mapping (RoPE++ Fig. 2). Both use the 1/sqrt(head_dim)
 All RoPE knobs are shared (base, before_qk_norm, linear/YaRN scaling for context extension; the
 paper's long-context stage raises the base 10k -> 500k).
 """
+
 from __future__ import annotations
 
 import torch
-
-from models.pe import register
-from models.pe.base import HeadLayout
-from models.pe.rope import RoPE, apply_rotary, rope_cos_sin, rotate_half
+from pelab.models.pe import register
+from pelab.models.pe.base import HeadLayout
+from pelab.models.pe.rope import RoPE, apply_rotary, rope_cos_sin, rotate_half
 
 
 class _RoPEPP(RoPE):
@@ -32,8 +32,10 @@ class _RoPEPP(RoPE):
     def __init__(self, shape, **rope_options):
         super().__init__(shape, **rope_options)
         if self.variant == "eh" and (shape.n_head % 2 or shape.n_kv_head % 2):
-            raise ValueError(f"ropepp_eh halves the query and KV heads, so n_head ({shape.n_head}) and "
-                             f"n_kv_head ({shape.n_kv_head}) must be even; use ropepp_ec instead")
+            raise ValueError(
+                f"ropepp_eh halves the query and KV heads, so n_head ({shape.n_head}) and "
+                f"n_kv_head ({shape.n_kv_head}) must be even; use ropepp_ec instead"
+            )
 
     def layout(self) -> HeadLayout:
         s = self.shape

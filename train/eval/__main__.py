@@ -10,6 +10,7 @@ With PE overrides (context extension, e.g. `pe.base=500000`) the files are named
 they sit beside the unmodified model's results. The numbers are deterministic: evaluating twice
 gives the same file.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,8 @@ import math
 from pathlib import Path
 
 import hydra
+import pelab.train.config  # noqa: F401  (registers resolvers before Hydra composes)
 from omegaconf import DictConfig, OmegaConf
-
-import train.config  # noqa: F401  (registers resolvers before Hydra composes)
 
 log = logging.getLogger("pelab.eval")
 
@@ -49,10 +49,18 @@ def auto_tag(pe_overrides: dict) -> str:
     return "-".join(parts).replace("/", "_").replace(" ", "")
 
 
-def run_suites(lm, tokenizer, train_cfg, train_len: int, cfg: DictConfig, out_dir: Path | None = None,
-               stem: str = "eval", title: str = "") -> dict:
+def run_suites(
+    lm,
+    tokenizer,
+    train_cfg,
+    train_len: int,
+    cfg: DictConfig,
+    out_dir: Path | None = None,
+    stem: str = "eval",
+    title: str = "",
+) -> dict:
     """Run `cfg.suites` on a scorer model; returns {suite: results}. Plots go to `out_dir` when given."""
-    from train.eval.zeroshot import Scorer
+    from pelab.train.eval.zeroshot import Scorer
 
     e = cfg.eval
     limit = None if e.get("limit") is None else int(e.limit)
@@ -62,40 +70,69 @@ def run_suites(lm, tokenizer, train_cfg, train_len: int, cfg: DictConfig, out_di
     results = {}
     for suite in cfg.suites:
         if suite == "zeroshot":
-            from train.eval.zeroshot import run_zeroshot
+            from pelab.train.eval.zeroshot import run_zeroshot
 
             zs = cfg.zeroshot
-            scorer = Scorer(lm, tokenizer, max_length=int(zs.get("max_length") or train_len),
-                            batch_size=int(e.batch_size), batch_tokens=e.get("batch_tokens"))
-            res = run_zeroshot(scorer, _plain(zs), data_dir=e.get("data_dir"), limit=limit,
-                               hub_timeout=float(e.get("hub_timeout", 5)))
-            res["settings"] = {"max_length": scorer.max_length, "num_fewshot": 0, "limit": limit,
-                               "data_dir": e.get("data_dir")}
+            scorer = Scorer(
+                lm,
+                tokenizer,
+                max_length=int(zs.get("max_length") or train_len),
+                batch_size=int(e.batch_size),
+                batch_tokens=e.get("batch_tokens"),
+            )
+            res = run_zeroshot(
+                scorer, _plain(zs), data_dir=e.get("data_dir"), limit=limit, hub_timeout=float(e.get("hub_timeout", 5))
+            )
+            res["settings"] = {
+                "max_length": scorer.max_length,
+                "num_fewshot": 0,
+                "limit": limit,
+                "data_dir": e.get("data_dir"),
+            }
         elif suite == "ppl_vs_length":
-            from train.eval.ppl import heldout_tokens, plot_ppl, ppl_vs_length
+            from pelab.train.eval.ppl import heldout_tokens, plot_ppl, ppl_vs_length
 
             p = cfg.ppl
             tokens, source = heldout_tokens(train_cfg, tokenizer, p.get("text_file"))
             max_tokens = p.get("max_tokens")
             if max_tokens is None and not p.get("text_file") and train_cfg is not None:
                 max_tokens = int(train_cfg.data.val_tokens)
-            res = ppl_vs_length(lm, tokens, train_len, list(p.multiples), max_tokens=max_tokens, limit=limit,
-                                batch_tokens=int(e.batch_tokens), curve_points=int(p.curve_points))
+            res = ppl_vs_length(
+                lm,
+                tokens,
+                train_len,
+                list(p.multiples),
+                max_tokens=max_tokens,
+                limit=limit,
+                batch_tokens=int(e.batch_tokens),
+                curve_points=int(p.curve_points),
+            )
             res["source"] = source
             res["max_tokens"] = max_tokens
             if out_dir is not None:
                 res["plot"] = plot_ppl(res, out_dir / f"{stem}_ppl_vs_length.png", title).name
         else:
-            from train.eval.ppl import heldout_tokens
-            from train.eval.retrieval import plot_retrieval, run_retrieval
+            from pelab.train.eval.ppl import heldout_tokens
+            from pelab.train.eval.retrieval import plot_retrieval, run_retrieval
 
             r = cfg.retrieval
             tokens, source = heldout_tokens(train_cfg, tokenizer, r.get("text_file"))
-            scorer = Scorer(lm, tokenizer, max_length=train_len, batch_size=int(e.batch_size),
-                            batch_tokens=e.get("batch_tokens"))
-            res = run_retrieval(scorer, tokenizer, tokens, train_len, tasks=list(r.tasks), lengths=r.get("lengths"),
-                                multiples=list(r.multiples), depths=list(r.depths), samples=int(r.samples),
-                                seed=int(e.seed), limit=limit)
+            scorer = Scorer(
+                lm, tokenizer, max_length=train_len, batch_size=int(e.batch_size), batch_tokens=e.get("batch_tokens")
+            )
+            res = run_retrieval(
+                scorer,
+                tokenizer,
+                tokens,
+                train_len,
+                tasks=list(r.tasks),
+                lengths=r.get("lengths"),
+                multiples=list(r.multiples),
+                depths=list(r.depths),
+                samples=int(r.samples),
+                seed=int(e.seed),
+                limit=limit,
+            )
             res["haystack"] = source
             if out_dir is not None:
                 res["plot"] = plot_retrieval(res, out_dir / f"{stem}_retrieval.png", title).name
@@ -138,9 +175,13 @@ def _fmt(v, digits=4):
 
 def render_markdown(doc: dict) -> str:
     h = doc["header"]
-    lines = [f"# Evaluation of `{h['checkpoint']}`", "",
-             f"step {h['step']} | model {h['model']} | pe `{json.dumps(h['pe'], sort_keys=True)}` | "
-             f"training length {h['train_len']} | {h['device']} {h['precision']}", ""]
+    lines = [
+        f"# Evaluation of `{h['checkpoint']}`",
+        "",
+        f"step {h['step']} | model {h['model']} | pe `{json.dumps(h['pe'], sort_keys=True)}` | "
+        f"training length {h['train_len']} | {h['device']} {h['precision']}",
+        "",
+    ]
     if h.get("pe_overrides"):
         lines += [f"PE overrides (context extension): `{json.dumps(h['pe_overrides'], sort_keys=True)}`", ""]
     for note in h.get("notes", []):
@@ -148,8 +189,12 @@ def render_markdown(doc: dict) -> str:
     s = doc["suites"]
     if "zeroshot" in s:
         z = s["zeroshot"]
-        lines += ["## zeroshot (0-shot, lm-evaluation-harness prompts)", "",
-                  "| task | split | n | acc | acc_norm | perplexity | source |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## zeroshot (0-shot, lm-evaluation-harness prompts)",
+            "",
+            "| task | split | n | acc | acc_norm | perplexity | source |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for task, r in z["tasks"].items():
             if "skipped" in r:
                 lines.append(f"| {task} | - | - | - | - | - | skipped: {r['skipped']} |")
@@ -158,32 +203,45 @@ def render_markdown(doc: dict) -> str:
             norm = f"{_fmt(r['acc_norm'])} ± {_fmt(r['acc_norm_stderr'])}" if "acc_norm" in r else "-"
             src = Path(r["source"]).name if not r["source"].startswith("hf:") else r["source"]
             note = f" ({r['note']})" if r.get("note") else ""
-            lines.append(f"| {task} | {r['split']} | {r['n']} | {acc} | {norm} | {_fmt(r.get('perplexity'), 2)} | "
-                         f"{src}{note} |")
+            lines.append(
+                f"| {task} | {r['split']} | {r['n']} | {acc} | {norm} | {_fmt(r.get('perplexity'), 2)} | {src}{note} |"
+            )
         if "average" in z:
             a = z["average"]
-            lines += ["", f"Average acc over {len(a['tasks'])} GRAPE tasks ({', '.join(a['tasks'])}): "
-                          f"**{_fmt(a['acc'])}**" + ("" if a["complete"] else " (incomplete)")]
+            lines += [
+                "",
+                f"Average acc over {len(a['tasks'])} GRAPE tasks ({', '.join(a['tasks'])}): "
+                f"**{_fmt(a['acc'])}**" + ("" if a["complete"] else " (incomplete)"),
+            ]
         lines.append("")
     if "ppl_vs_length" in s:
         p = s["ppl_vs_length"]
-        lines += [f"## ppl_vs_length (held-out: {p['source']}; training length {p['train_len']})", "",
-                  "| length | x train | windows | loss | ppl | loss within train len | loss beyond |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## ppl_vs_length (held-out: {p['source']}; training length {p['train_len']})",
+            "",
+            "| length | x train | windows | loss | ppl | loss within train len | loss beyond |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for k, r in p["lengths"].items():
             if "skipped" in r:
                 lines.append(f"| {r['length']} | {k} | - | - | - | - | skipped: {r['skipped']} |")
             else:
-                lines.append(f"| {r['length']} | {k} | {r['windows']} | {_fmt(r['loss'])} | {_fmt(r['ppl'], 2)} | "
-                             f"{_fmt(r['loss_within_train_len'])} | {_fmt(r.get('loss_beyond_train_len'))} |")
+                lines.append(
+                    f"| {r['length']} | {k} | {r['windows']} | {_fmt(r['loss'])} | {_fmt(r['ppl'], 2)} | "
+                    f"{_fmt(r['loss_within_train_len'])} | {_fmt(r.get('loss_beyond_train_len'))} |"
+                )
         if p.get("plot"):
             lines += ["", f"![ppl vs length]({p['plot']})"]
         lines.append("")
     if "retrieval" in s:
         r = s["retrieval"]
         L = r["lengths"]
-        lines += [f"## retrieval ({r['samples']} samples per cell; {r['metric']})", "",
-                  "| task | mean | " + " | ".join(f"{x} tok" for x in L) + " |", "|---|---|" + "---|" * len(L)]
+        lines += [
+            f"## retrieval ({r['samples']} samples per cell; {r['metric']})",
+            "",
+            "| task | mean | " + " | ".join(f"{x} tok" for x in L) + " |",
+            "|---|---|" + "---|" * len(L),
+        ]
         for task, t in r["tasks"].items():
             cols = " | ".join(_fmt(t["per_length"].get(str(x)), 3) for x in L)
             lines.append(f"| {task} | {_fmt(t['mean'], 3)} | {cols} |")
@@ -207,8 +265,9 @@ def write_outputs(out_dir: Path, stem: str, header: dict, results: dict) -> dict
     if path.exists():
         try:
             old = json.loads(path.read_text())
-            if {k: old["header"].get(k) for k in ("checkpoint", "step", "pe")} == \
-                    {k: header.get(k) for k in ("checkpoint", "step", "pe")}:
+            if {k: old["header"].get(k) for k in ("checkpoint", "step", "pe")} == {
+                k: header.get(k) for k in ("checkpoint", "step", "pe")
+            }:
                 doc["suites"] = old.get("suites", {})
         except (ValueError, KeyError):
             pass
@@ -221,14 +280,20 @@ def write_outputs(out_dir: Path, stem: str, header: dict, results: dict) -> dict
 
 def run_eval(cfg: DictConfig) -> dict:
     """Evaluate `cfg.checkpoint` on `cfg.suites`; returns the written eval document."""
-    from train.eval.checkpoint import load
-    from train.eval.zeroshot import GPTModel
+    from pelab.train.eval.checkpoint import load
+    from pelab.train.eval.zeroshot import GPTModel
 
     if not cfg.get("checkpoint"):
         raise EvalError("checkpoint=<run dir or .ckpt file> is required")
     e = cfg.eval
-    loaded = load(cfg.checkpoint, _plain(cfg.pe), device=e.device, precision=e.precision,
-                  attention_backend=e.get("attention_backend"), train_len=e.get("train_len"))
+    loaded = load(
+        cfg.checkpoint,
+        _plain(cfg.pe),
+        device=e.device,
+        precision=e.precision,
+        attention_backend=e.get("attention_backend"),
+        train_len=e.get("train_len"),
+    )
     out_dir = Path(e.out_dir) if e.get("out_dir") else loaded.run_dir
     tag = e.get("tag") or auto_tag(loaded.pe_overrides)
     stem = "eval" + (f"-{tag}" if tag else "")
@@ -247,8 +312,8 @@ def run_eval(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../../conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from train.eval.checkpoint import CheckpointError
-    from train.eval.tasks import HubUnreachable
+    from pelab.train.eval.checkpoint import CheckpointError
+    from pelab.train.eval.tasks import HubUnreachable
 
     try:
         run_eval(cfg)

@@ -11,6 +11,7 @@ Configured in the training config (off by default):
 Metric names: eval/<task>/acc, eval/<task>/acc_norm, eval/zeroshot_avg/acc, eval/ppl/<m>x,
 eval/loss/<m>x, eval/retrieval/<task>. Rank 0 evaluates; the other ranks wait.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,7 @@ def compose_eval_config(overrides: list[str]) -> DictConfig:
     """The `train.eval` config for these overrides, also from inside a running Hydra app."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from train.config import CONF_DIR
+    from pelab.train.config import CONF_DIR
 
     if GlobalHydra.instance().is_initialized():
         # Inside `python -m train` (same config directory): compose without disturbing the app's state.
@@ -47,8 +47,8 @@ class PeriodicEval(L.Callback):
         self.history: dict[int, dict[str, float]] = {}
 
     def evaluate(self, model, device: torch.device, autocast_dtype) -> dict[str, float]:
-        from train.eval.__main__ import flat_metrics, run_suites
-        from train.eval.zeroshot import GPTModel
+        from pelab.train.eval.__main__ import flat_metrics, run_suites
+        from pelab.train.eval.zeroshot import GPTModel
 
         was_training = model.training
         model.eval()
@@ -76,7 +76,7 @@ class PeriodicEval(L.Callback):
                 log.warning("periodic evaluation disabled: %s", self.disabled)
         self.history[step] = metrics
         if metrics:
-            from train.callbacks import MetricsCSV
+            from pelab.train.callbacks import MetricsCSV
 
             for cb in trainer.callbacks:
                 if isinstance(cb, MetricsCSV):
@@ -95,7 +95,7 @@ def periodic_eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
     ev = cfg.get("eval") if hasattr(cfg, "get") else None
     if not ev or not int(ev.get("every") or 0):
         return []
-    from data.tokenizer import tokenizer_from_cfg
+    from pelab.data.tokenizer import tokenizer_from_cfg
 
     eval_cfg = compose_eval_config([f"suite={ev.get('suite', 'zeroshot')}", *list(ev.get("overrides") or [])])
     eval_cfg.eval.limit = ev.get("limit")

@@ -13,6 +13,7 @@ of the checkpoint's PE config:
     rescaled after loading, the way the same knob changes RoPE's i-th frequency (`adapt_learned_frequencies`);
   * any other PE has no rotary frequencies and refuses these overrides.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-
-from models.config import GPTConfig
-from models.gpt import GPT
+from pelab.models.config import GPTConfig
+from pelab.models.gpt import GPT
 
 log = logging.getLogger("pelab.eval")
 
@@ -45,8 +45,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     for cand in (p, p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
         if cand.is_dir() and ((cand / ".metadata").exists() or any(cand.glob("*.distcp"))):
-            raise CheckpointError(f"{cand} is a sharded (FSDP) checkpoint; make it one file first: "
-                                  f"python -m train.consolidate {cand} <file.ckpt>")
+            raise CheckpointError(
+                f"{cand} is a sharded (FSDP) checkpoint; make it one file first: "
+                f"python -m train.consolidate {cand} <file.ckpt>"
+            )
         if cand.is_file():
             return cand
     if p.is_dir():
@@ -78,7 +80,7 @@ def _learned_rotary(pe) -> bool:
 
 
 def _fixed_rotary(pe) -> bool:
-    from models.pe.rope import RoPE
+    from pelab.models.pe.rope import RoPE
 
     return isinstance(pe, RoPE)
 
@@ -132,22 +134,28 @@ def adapt_learned_frequencies(model: GPT, old_pe: dict, new_pe: dict) -> list[st
     if new_base != old_base:
         notes.append(f"learned frequencies rescaled for base {old_base:g} -> {new_base:g}")
     if scaling != "none" and factor != 1.0:
-        notes.append(f"learned frequencies {scaling}-scaled by {factor:g} (original_max_len {orig_len})"
-                     + ("; YaRN magnitude factor not applied" if scaling == "yarn" else ""))
+        notes.append(
+            f"learned frequencies {scaling}-scaled by {factor:g} (original_max_len {orig_len})"
+            + ("; YaRN magnitude factor not applied" if scaling == "yarn" else "")
+        )
     return notes
 
 
 def _probe_pe(cfg: GPTConfig):
     """One layer's PE alone (cheap), to see which kind of positional encoding the model uses."""
-    from models.pe import build_pe
-    from models.pe.base import AttentionShape
+    from pelab.models.pe import build_pe
+    from pelab.models.pe.base import AttentionShape
 
     shape = AttentionShape(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_layer, 0)
     return build_pe(cfg.pe, shape)
 
 
-def build_model(model_cfg: dict, pe_overrides: dict | None = None, train_len: int | None = None,
-                attention_backend: str | None = None) -> tuple[GPT, dict]:
+def build_model(
+    model_cfg: dict,
+    pe_overrides: dict | None = None,
+    train_len: int | None = None,
+    attention_backend: str | None = None,
+) -> tuple[GPT, dict]:
     """An untrained GPT for `model_cfg` with the PE overrides applied to its constructor where the PE
     takes them. Returns (model, effective pe cfg)."""
     base_cfg = dict(model_cfg)
@@ -168,9 +176,11 @@ def build_model(model_cfg: dict, pe_overrides: dict | None = None, train_len: in
     elif _learned_rotary(pe0):
         ctor_pe = old_pe  # the learned frequencies are rescaled after loading
     else:
-        raise CheckpointError(f"pe={old_pe.get('name')} has no rotary frequencies: the context-extension overrides "
-                              f"{sorted(overrides)} (pe.base / pe.scaling / pe.factor) apply to rope, ropepp_*, "
-                              f"grape_m*")
+        raise CheckpointError(
+            f"pe={old_pe.get('name')} has no rotary frequencies: the context-extension overrides "
+            f"{sorted(overrides)} (pe.base / pe.scaling / pe.factor) apply to rope, ropepp_*, "
+            f"grape_m*"
+        )
     base_cfg["pe"] = ctor_pe
     return GPT(GPTConfig.from_dict(base_cfg)), new_pe
 
@@ -187,7 +197,7 @@ def model_state_dict(state: dict) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         if k.startswith("model."):
-            out[k[len("model."):].replace("_orig_mod.", "")] = v
+            out[k[len("model.") :].replace("_orig_mod.", "")] = v
     if not out:
         raise CheckpointError("checkpoint has no `model.*` weights in its state_dict; is it a pelab checkpoint?")
     return out
@@ -197,8 +207,10 @@ def load_weights(model: GPT, state: dict, old_pe: dict, new_pe: dict) -> list[st
     """Load a checkpoint's weights into `model`, then adapt learned rotary frequencies to `new_pe`."""
     missing, unexpected = model.load_state_dict(model_state_dict(state), strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}; was it trained with another model/pe config?")
+        raise CheckpointError(
+            f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; was it trained with another model/pe config?"
+        )
     if any(_learned_rotary(pe) for pe in model.pes()):
         return adapt_learned_frequencies(model, old_pe, new_pe)
     return []
@@ -225,9 +237,17 @@ class Loaded:
         return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
 
     def describe(self) -> dict:
-        return {"checkpoint": str(self.ckpt), "step": self.step, "model": self.model_cfg.get("name"),
-                "pe": self.pe, "pe_overrides": self.pe_overrides, "train_len": self.train_len,
-                "device": self.device.type, "precision": self.precision, "notes": self.notes}
+        return {
+            "checkpoint": str(self.ckpt),
+            "step": self.step,
+            "model": self.model_cfg.get("name"),
+            "pe": self.pe,
+            "pe_overrides": self.pe_overrides,
+            "train_len": self.train_len,
+            "device": self.device.type,
+            "precision": self.precision,
+            "notes": self.notes,
+        }
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -248,17 +268,26 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def tokenizer_for(train_cfg: DictConfig | None, vocab_size: int):
-    from data.tokenizer import load_tokenizer, tokenizer_from_cfg
+    from pelab.data.tokenizer import load_tokenizer, tokenizer_from_cfg
 
     tok = tokenizer_from_cfg(train_cfg.data.tokenizer) if train_cfg is not None else load_tokenizer("gpt2")
     if tok.vocab_size > vocab_size:
-        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size}; "
-                              f"set data.tokenizer in the run's config.yaml to the one it was trained with")
+        raise CheckpointError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size}; "
+            f"set data.tokenizer in the run's config.yaml to the one it was trained with"
+        )
     return tok
 
 
-def load(checkpoint: str | Path, pe_overrides: dict | None = None, *, device: str = "auto",
-         precision: str = "auto", attention_backend: str | None = None, train_len: int | None = None) -> Loaded:
+def load(
+    checkpoint: str | Path,
+    pe_overrides: dict | None = None,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    attention_backend: str | None = None,
+    train_len: int | None = None,
+) -> Loaded:
     """Model (eval mode, on `device`), tokenizer and training config of a checkpoint or run dir."""
     ckpt = resolve_checkpoint(checkpoint)
     state = checkpoint_state(ckpt)
@@ -267,7 +296,7 @@ def load(checkpoint: str | Path, pe_overrides: dict | None = None, *, device: st
     if model_cfg is None:
         if train_cfg is None:
             raise CheckpointError(f"{ckpt} has no pelab model config and no config.yaml next to it")
-        from train.config import model_config
+        from pelab.train.config import model_config
 
         model_cfg = model_config(train_cfg).__dict__.copy()
     if train_len is None:
@@ -281,10 +310,21 @@ def load(checkpoint: str | Path, pe_overrides: dict | None = None, *, device: st
     for p in model.parameters():
         p.requires_grad_(False)
     tok = tokenizer_for(train_cfg, int(model_cfg["vocab_size"]))
-    return Loaded(model=model, tokenizer=tok, model_cfg=dict(model_cfg), train_cfg=train_cfg, ckpt=ckpt,
-                  run_dir=run_dir_of(ckpt), train_len=int(train_len), step=int(state.get("global_step", 0)),
-                  device=dev, autocast_dtype=pick_autocast(precision, dev), pe=new_pe,
-                  pe_overrides=_clean_overrides(pe_overrides), notes=notes)
+    return Loaded(
+        model=model,
+        tokenizer=tok,
+        model_cfg=dict(model_cfg),
+        train_cfg=train_cfg,
+        ckpt=ckpt,
+        run_dir=run_dir_of(ckpt),
+        train_len=int(train_len),
+        step=int(state.get("global_step", 0)),
+        device=dev,
+        autocast_dtype=pick_autocast(precision, dev),
+        pe=new_pe,
+        pe_overrides=_clean_overrides(pe_overrides),
+        notes=notes,
+    )
 
 
 def init_from(model: GPT, path: str | Path, new_pe: dict) -> list[str]:

@@ -17,6 +17,7 @@ The requests are scored by `train.eval.zeroshot.Scorer`, the same code as `pytho
 suite=zeroshot`, so both give the same numbers on the same items. lm_eval is imported lazily:
 install it with `pip install -e .[eval]`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,29 +41,49 @@ def lm_class():
     try:
         from lm_eval.api.model import LM
     except ImportError:
-        raise ImportError("lm-evaluation-harness is not installed: pip install -e '.[eval]' (or pip install lm-eval)") \
-            from None
+        raise ImportError(
+            "lm-evaluation-harness is not installed: pip install -e '.[eval]' (or pip install lm-eval)"
+        ) from None
 
     class PelabLM(LM):
-        def __init__(self, checkpoint: str, batch_size=16, max_length=None, device: str = "auto",
-                     precision: str = "auto", attention_backend=None, max_batch_size=None, **kwargs):
+        def __init__(
+            self,
+            checkpoint: str,
+            batch_size=16,
+            max_length=None,
+            device: str = "auto",
+            precision: str = "auto",
+            attention_backend=None,
+            max_batch_size=None,
+            **kwargs,
+        ):
             super().__init__()
-            from train.eval.checkpoint import load
-            from train.eval.zeroshot import GPTModel, Scorer
+            from pelab.train.eval.checkpoint import load
+            from pelab.train.eval.zeroshot import GPTModel, Scorer
 
             pe = {k[3:]: v for k, v in kwargs.items() if k.startswith("pe.")}
             unknown = sorted(k for k in kwargs if not k.startswith("pe.") and kwargs[k] is not None)
             if unknown:
-                raise ValueError(f"unknown pelab model_args {unknown}; known: checkpoint, batch_size, max_length, "
-                                 f"device, precision, attention_backend, pe.<base|scaling|factor|original_max_len>")
+                raise ValueError(
+                    f"unknown pelab model_args {unknown}; known: checkpoint, batch_size, max_length, "
+                    f"device, precision, attention_backend, pe.<base|scaling|factor|original_max_len>"
+                )
             if str(device).startswith("cuda") and not torch.cuda.is_available():
                 device = "cpu"
-            self.loaded = load(checkpoint, pe, device=device or "auto", precision=precision or "auto",
-                               attention_backend=attention_backend)
+            self.loaded = load(
+                checkpoint,
+                pe,
+                device=device or "auto",
+                precision=precision or "auto",
+                attention_backend=attention_backend,
+            )
             self.lm = GPTModel(self.loaded.model, self.loaded.device, self.loaded.autocast_dtype)
-            self.scorer = Scorer(self.lm, self.loaded.tokenizer,
-                                 max_length=_as_int(max_length, self.loaded.train_len),
-                                 batch_size=_as_int(batch_size, 16) or 16)
+            self.scorer = Scorer(
+                self.lm,
+                self.loaded.tokenizer,
+                max_length=_as_int(max_length, self.loaded.train_len),
+                batch_size=_as_int(batch_size, 16) or 16,
+            )
 
         @classmethod
         def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):

@@ -13,6 +13,7 @@ Held-out text: the validation shard (shard 0) of the checkpoint's training data,
 `ppl.max_tokens` = the training config's `data.val_tokens` the windows are exactly the trainer's
 validation windows and the loss equals its logged `val/loss`; or any text file (`ppl.text_file`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,18 +34,21 @@ def heldout_tokens(train_cfg, tokenizer, text_file: str | None = None) -> tuple[
             raise FileNotFoundError(f"text file {path} not found")
         return np.asarray(tokenizer.encode(path.read_text(encoding="utf-8")), dtype=np.int64), f"file:{path}"
     if train_cfg is None:
-        raise ValueError("no training config next to the checkpoint tells where its validation data is; "
-                         "pass ppl.text_file=<held-out text file>")
-    from data.sample import ensure_prepared
-    from data.shards import find_shards, read_shard
+        raise ValueError(
+            "no training config next to the checkpoint tells where its validation data is; "
+            "pass ppl.text_file=<held-out text file>"
+        )
+    from pelab.data.sample import ensure_prepared
+    from pelab.data.shards import find_shards, read_shard
 
     data_cfg = train_cfg.data
     try:
         shard_dir = ensure_prepared(data_cfg)
     except Exception as e:  # noqa: BLE001  (missing shards: say what to do)
-        raise ValueError(f"the training data's shards are not available ({str(e).splitlines()[0]}); prepare "
-                         f"them (python -m data.prepare data={data_cfg.name}) or pass ppl.text_file=<held-out text>") \
-            from None
+        raise ValueError(
+            f"the training data's shards are not available ({str(e).splitlines()[0]}); prepare "
+            f"them (python -m data.prepare data={data_cfg.name}) or pass ppl.text_file=<held-out text>"
+        ) from None
     val = find_shards(shard_dir, data_cfg.name)[0][0]
     return read_shard(val), f"val shard {val}"  # memory-mapped; windows are copied as they are scored
 
@@ -55,8 +59,16 @@ def _bins(length: int, points: int) -> np.ndarray:
     return np.unique(np.concatenate([[0], geo, [length]]))
 
 
-def ppl_vs_length(lm, tokens: np.ndarray, train_len: int, multiples=(1, 2, 4, 8, 16), max_tokens: int | None = None,
-                  limit: int | None = None, batch_tokens: int = 32768, curve_points: int = 256) -> dict:
+def ppl_vs_length(
+    lm,
+    tokens: np.ndarray,
+    train_len: int,
+    multiples=(1, 2, 4, 8, 16),
+    max_tokens: int | None = None,
+    limit: int | None = None,
+    batch_tokens: int = 32768,
+    curve_points: int = 256,
+) -> dict:
     """Loss and perplexity at each multiple of the training length (see the module docstring)."""
     n_tok = int(len(tokens))
     budget = int(max_tokens) if max_tokens else n_tok - 1
@@ -66,8 +78,11 @@ def ppl_vs_length(lm, tokens: np.ndarray, train_len: int, multiples=(1, 2, 4, 8,
         key = f"{m:g}x"
         fits = (n_tok - 1) // L
         if fits == 0:
-            out[key] = {"length": L, "multiple": float(m),
-                        "skipped": f"needs {L + 1} tokens of held-out text, which has {n_tok}"}
+            out[key] = {
+                "length": L,
+                "multiple": float(m),
+                "skipped": f"needs {L + 1} tokens of held-out text, which has {n_tok}",
+            }
             continue
         n_win = min(fits, max(1, budget // L))
         if limit is not None:
@@ -76,7 +91,7 @@ def ppl_vs_length(lm, tokens: np.ndarray, train_len: int, multiples=(1, 2, 4, 8,
         rows = max(1, batch_tokens // L)
         for s in range(0, n_win, rows):
             ids = range(s, min(n_win, s + rows))
-            win = torch.from_numpy(np.stack([np.asarray(tokens[i * L:(i + 1) * L + 1], dtype=np.int64) for i in ids]))
+            win = torch.from_numpy(np.stack([np.asarray(tokens[i * L : (i + 1) * L + 1], dtype=np.int64) for i in ids]))
             win = win.to(lm.device)
             losses = lm.token_losses(win[:, :-1], win[:, 1:])
             pos_sum += losses.double().sum(0).cpu().numpy()
@@ -85,8 +100,15 @@ def ppl_vs_length(lm, tokens: np.ndarray, train_len: int, multiples=(1, 2, 4, 8,
         curve_pos = ((edges[:-1] + edges[1:] - 1) / 2).tolist()
         curve_loss = [float(per_pos[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
         loss = float(per_pos.mean())
-        entry = {"length": L, "multiple": float(m), "windows": n_win, "tokens": n_win * L, "loss": loss,
-                 "ppl": math.exp(loss), "loss_within_train_len": float(per_pos[:train_len].mean())}
+        entry = {
+            "length": L,
+            "multiple": float(m),
+            "windows": n_win,
+            "tokens": n_win * L,
+            "loss": loss,
+            "ppl": math.exp(loss),
+            "loss_within_train_len": float(per_pos[:train_len].mean()),
+        }
         if L > train_len:
             entry["loss_beyond_train_len"] = float(per_pos[train_len:].mean())
         entry["curve"] = {"position": curve_pos, "loss": curve_loss}

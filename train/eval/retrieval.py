@@ -17,6 +17,7 @@ short). The score is RULER's `string_match_all`: the fraction of expected string
 generated text (case-insensitive); for one expected string that is accuracy. Items are generated from
 `random.Random(f"{seed}/{task}/{length}/{depth}/{i}")`, so every run scores the same items.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,12 +33,43 @@ log = logging.getLogger("pelab.eval")
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
 DEPTHLESS = ("variable_tracking",)
 PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NIAH_INSTRUCTION = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-                    "I will quiz you about the numbers afterwards.\n")
+NIAH_INSTRUCTION = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the numbers afterwards.\n"
+)
 # Keys for the needles: plain English nouns, chosen here.
-KEYS = ("apple", "river", "candle", "harbor", "violin", "meadow", "falcon", "lantern", "pepper", "glacier",
-        "orchid", "compass", "tunnel", "saddle", "marble", "thunder", "velvet", "island", "copper", "blanket",
-        "garden", "ladder", "mirror", "pillow", "rocket", "shadow", "spider", "teapot", "window", "zebra")
+KEYS = (
+    "apple",
+    "river",
+    "candle",
+    "harbor",
+    "violin",
+    "meadow",
+    "falcon",
+    "lantern",
+    "pepper",
+    "glacier",
+    "orchid",
+    "compass",
+    "tunnel",
+    "saddle",
+    "marble",
+    "thunder",
+    "velvet",
+    "island",
+    "copper",
+    "blanket",
+    "garden",
+    "ladder",
+    "mirror",
+    "pillow",
+    "rocket",
+    "shadow",
+    "spider",
+    "teapot",
+    "window",
+    "zebra",
+)
 # Haystacks are drawn from the first tokens of the held-out text (enough variety, bounded memory).
 HAYSTACK_TOKENS = 4_000_000
 MAX_NEW = {"passkey": 8, "niah_single": 12, "niah_multikey": 12, "niah_multivalue": 48, "variable_tracking": 32}
@@ -75,7 +107,7 @@ class Builder:
         """n tokens of `source` from a random start, wrapping around when it is too short."""
         start, pieces = rng.randrange(len(source)), []
         while n > 0:
-            piece = source[start:start + n]
+            piece = source[start : start + n]
             pieces.append(piece)
             n -= len(piece)
             start = 0
@@ -93,8 +125,15 @@ class Builder:
                 return p
         return pos
 
-    def assemble(self, length: int, head: str, tail: str, needles: list[tuple[float, str]], rng: random.Random,
-                 source: np.ndarray) -> list[int] | None:
+    def assemble(
+        self,
+        length: int,
+        head: str,
+        tail: str,
+        needles: list[tuple[float, str]],
+        rng: random.Random,
+        source: np.ndarray,
+    ) -> list[int] | None:
         """head + haystack with needles (depth in [0, 1], text) + tail, exactly `length` tokens; None when
         the length cannot hold the instruction, needles and question."""
         head_ids, tail_ids = self.enc(head), self.enc(tail)
@@ -113,31 +152,42 @@ class Builder:
         return out
 
     def item(self, task: str, length: int, depth: float, rng: random.Random) -> Item | None:
-        digits = lambda k: str(rng.randrange(10 ** (k - 1), 10 ** k))  # noqa: E731
+        digits = lambda k: str(rng.randrange(10 ** (k - 1), 10**k))  # noqa: E731
         if task == "passkey":
             key = digits(5)
-            head = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-                    "I will quiz you about the important information there.")
+            head = (
+                "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                "I will quiz you about the important information there."
+            )
             needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-            prompt = self.assemble(length, head, "\nWhat is the pass key? The pass key is", [(depth, needle)], rng,
-                                   self.filler)
+            prompt = self.assemble(
+                length, head, "\nWhat is the pass key? The pass key is", [(depth, needle)], rng, self.filler
+            )
             return None if prompt is None else Item(prompt, [key])
         if task in ("niah_single", "niah_multikey"):
             keys = rng.sample(KEYS, 4 if task == "niah_multikey" else 1)
             values = [digits(7) for _ in keys]
-            needles = [(depth if j == 0 else rng.random(), f"One of the special magic numbers for {k} is: {v}.")
-                       for j, (k, v) in enumerate(zip(keys, values))]
-            q = (f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? "
-                 f"The special magic number for {keys[0]} mentioned in the provided text is")
+            needles = [
+                (depth if j == 0 else rng.random(), f"One of the special magic numbers for {k} is: {v}.")
+                for j, (k, v) in enumerate(zip(keys, values))
+            ]
+            q = (
+                f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? "
+                f"The special magic number for {keys[0]} mentioned in the provided text is"
+            )
             prompt = self.assemble(length, NIAH_INSTRUCTION, q, needles, rng, self.hay)
             return None if prompt is None else Item(prompt, [values[0]])
         if task == "niah_multivalue":
             key = rng.choice(KEYS)
             values = [digits(7) for _ in range(4)]
-            needles = [(depth if j == 0 else rng.random(), f"One of the special magic numbers for {key} is: {v}.")
-                       for j, v in enumerate(values)]
-            q = (f"\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
-                 f"The special magic numbers for {key} mentioned in the provided text are")
+            needles = [
+                (depth if j == 0 else rng.random(), f"One of the special magic numbers for {key} is: {v}.")
+                for j, v in enumerate(values)
+            ]
+            q = (
+                f"\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
+                f"The special magic numbers for {key} mentioned in the provided text are"
+            )
             prompt = self.assemble(length, NIAH_INSTRUCTION, q, needles, rng, self.hay)
             return None if prompt is None else Item(prompt, values)
         if task == "variable_tracking":
@@ -146,9 +196,11 @@ class Builder:
             chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, 5)]
             needles = [((i + 0.5) / len(chain), c) for i, c in enumerate(chain)]
             head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
-            q = (f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
-                 f"Answer: According to the chain(s) of variable assignment in the text above, {len(chain)} variables "
-                 f"are assigned the value {value}, they are:")
+            q = (
+                f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
+                f"Answer: According to the chain(s) of variable assignment in the text above, {len(chain)} variables "
+                f"are assigned the value {value}, they are:"
+            )
             prompt = self.assemble(length, head, q, needles, rng, self.hay)
             return None if prompt is None else Item(prompt, names)
         raise ValueError(f"unknown retrieval task {task!r}; choose from {TASKS}")
@@ -159,16 +211,32 @@ def _first_line(text: str) -> str:
     return text.split("\n")[0]
 
 
-def run_retrieval(scorer, tokenizer, haystack: np.ndarray, train_len: int, tasks=TASKS, lengths=None,
-                  multiples=(1, 2, 4), depths=(0.0, 0.25, 0.5, 0.75, 1.0), samples: int = 10, seed: int = 1234,
-                  limit: int | None = None) -> dict:
+def run_retrieval(
+    scorer,
+    tokenizer,
+    haystack: np.ndarray,
+    train_len: int,
+    tasks=TASKS,
+    lengths=None,
+    multiples=(1, 2, 4),
+    depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+    samples: int = 10,
+    seed: int = 1234,
+    limit: int | None = None,
+) -> dict:
     """Accuracy grid (depth x length) per task, its mean, per-length means and one example per task."""
     builder = Builder(tokenizer, haystack)
     lengths = [int(x) for x in lengths] if lengths else [int(round(float(m) * train_len)) for m in multiples]
     n = min(int(samples), int(limit)) if limit is not None else int(samples)
     newline = lambda gen: "\n" in tokenizer.decode(gen).lstrip()  # noqa: E731
-    out = {"lengths": lengths, "depths": [float(d) for d in depths], "samples": n, "train_len": int(train_len),
-           "metric": "string_match_all (fraction of expected strings in the greedy output)", "tasks": {}}
+    out = {
+        "lengths": lengths,
+        "depths": [float(d) for d in depths],
+        "samples": n,
+        "train_len": int(train_len),
+        "metric": "string_match_all (fraction of expected strings in the greedy output)",
+        "tasks": {},
+    }
     for task in tasks:
         rows = [None] if task in DEPTHLESS else [float(d) for d in depths]
         grid = [[None] * len(lengths) for _ in rows]
@@ -188,15 +256,25 @@ def run_retrieval(scorer, tokenizer, haystack: np.ndarray, train_len: int, tasks
                 scores = [string_match_all(p, it.answers) for p, it in zip(preds, items)]
                 grid[r][c] = float(np.mean(scores))
                 if example is None:
-                    example = {"length": L, "depth": depth, "prompt_tail": tokenizer.decode(items[0].prompt[-40:]),
-                               "answers": items[0].answers, "prediction": preds[0]}
+                    example = {
+                        "length": L,
+                        "depth": depth,
+                        "prompt_tail": tokenizer.decode(items[0].prompt[-40:]),
+                        "answers": items[0].answers,
+                        "prediction": preds[0],
+                    }
         cells = [v for row in grid for v in row if v is not None]
         per_len = {}
         for c, L in enumerate(lengths):
             col = [grid[r][c] for r in range(len(rows)) if grid[r][c] is not None]
             per_len[str(L)] = float(np.mean(col)) if col else None
-        out["tasks"][task] = {"depths": rows, "grid": grid, "per_length": per_len,
-                              "mean": float(np.mean(cells)) if cells else None, "example": example}
+        out["tasks"][task] = {
+            "depths": rows,
+            "grid": grid,
+            "per_length": per_len,
+            "mean": float(np.mean(cells)) if cells else None,
+            "example": example,
+        }
         if not cells:
             out["tasks"][task]["skipped"] = f"lengths {lengths} are too short for the {task} prompt"
         log.info("retrieval %-18s mean %s", task, "n/a" if not cells else f"{np.mean(cells):.3f}")

@@ -17,6 +17,7 @@ Both row schemas are understood by every task: the Hugging Face one (field names
 dataset) and the llm-foundry ICL one (`query/choices/gold`, `context_options/continuation/gold`,
 `context/continuation`), mapped onto the harness's prompt.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,16 +25,18 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 log = logging.getLogger("pelab.eval")
 
-HUB_HINT = ("pass eval.data_dir=<dir with local copies> (e.g. ../shared/data/eval, see README 'Evaluation'), "
-            "or zeroshot.files.<task>=<file>")
+HUB_HINT = (
+    "pass eval.data_dir=<dir with local copies> (e.g. ../shared/data/eval, see README 'Evaluation'), "
+    "or zeroshot.files.<task>=<file>"
+)
 
 
 class TaskUnavailable(RuntimeError):
@@ -79,6 +82,7 @@ class TaskSpec:
 
 # ---- prompt formats (lm-evaluation-harness task yamls) ---------------------------------------------
 
+
 def _mc(context: str, choices: list[str], gold: int, delimiter: str = " ") -> MCDoc:
     return MCDoc([(context, f"{delimiter}{c}") for c in choices], list(choices), int(gold))
 
@@ -107,8 +111,11 @@ def hellaswag_doc(row: dict) -> MCDoc:
     if "query" in row:  # already preprocessed (OLMES subsample, llm-foundry)
         return _mc(row["query"], list(row["choices"]), row["gold"])
     ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-    return _mc(hellaswag_preprocess(row["activity_label"] + ": " + ctx),
-               [hellaswag_preprocess(e) for e in row["endings"]], int(row["label"]))
+    return _mc(
+        hellaswag_preprocess(row["activity_label"] + ": " + ctx),
+        [hellaswag_preprocess(e) for e in row["endings"]],
+        int(row["label"]),
+    )
 
 
 def openbookqa_doc(row: dict) -> MCDoc:
@@ -139,7 +146,7 @@ def winogrande_doc(row: dict) -> MCDoc:
     else:
         blank = row["sentence"].index("_")
         contexts = [row["sentence"][:blank] + opt for opt in (row["option1"], row["option2"])]
-        rest, gold = row["sentence"][blank + 1:].strip(), {"1": 0, "2": 1}[str(row["answer"])]
+        rest, gold = row["sentence"][blank + 1 :].strip(), {"1": 0, "2": 1}[str(row["answer"])]
     return MCDoc([(c, " " + rest) for c in contexts], contexts, gold)
 
 
@@ -155,32 +162,121 @@ def boolq_doc(row: dict) -> MCDoc:
 
 
 MC2 = ("acc", "acc_norm")
-TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("arc_easy", "multiple_choice", MC2, "allenai/ai2_arc", "ARC-Easy", "test", arc_doc,
-             (Local("arc_easy.jsonl", "test"), Local("arc_easy_test.jsonl", "test"),
-              Local("arc_easy_validation.jsonl", "validation"))),
-    TaskSpec("arc_challenge", "multiple_choice", MC2, "allenai/ai2_arc", "ARC-Challenge", "test", arc_doc,
-             (Local("arc_challenge.jsonl", "test"), Local("arc_challenge_test.jsonl", "test"),
-              Local("arc_challenge_validation.jsonl", "validation"))),
-    TaskSpec("hellaswag", "multiple_choice", MC2, "Rowan/hellaswag", None, "validation", hellaswag_doc,
-             (Local("hellaswag_validation.jsonl", "validation"), Local("hellaswag.jsonl", "validation"),
-              Local("hellaswag_validation_olmes1000.jsonl", "validation",
-                    "1,000-item OLMES subsample of validation (seed 1234)"))),
-    TaskSpec("openbookqa", "multiple_choice", MC2, "allenai/openbookqa", "main", "test", openbookqa_doc,
-             (Local("openbookqa_test.jsonl", "test"), Local("openbook_qa.jsonl", "test"),
-              Local("openbookqa_validation.jsonl", "validation"))),
-    TaskSpec("piqa", "multiple_choice", MC2, "baber/piqa", None, "validation", piqa_doc,
-             (Local("piqa_validation.jsonl", "validation"), Local("piqa.jsonl", "validation"))),
-    TaskSpec("winogrande", "multiple_choice", ("acc",), "allenai/winogrande", "winogrande_xl", "validation",
-             winogrande_doc,
-             (Local("winogrande_xl_validation.jsonl", "validation"), Local("winogrande.jsonl", "validation"))),
-    TaskSpec("sciq", "multiple_choice", MC2, "allenai/sciq", None, "test", sciq_doc,
-             (Local("sciq_test.jsonl", "test"), Local("sciq_validation.jsonl", "validation"))),
-    TaskSpec("lambada_openai", "loglikelihood", ("acc", "perplexity"), "EleutherAI/lambada_openai", "default", "test",
-             lambada_doc, (Local("lambada_openai_test.jsonl", "test"), Local("lambada_openai.jsonl", "test"))),
-    TaskSpec("boolq", "multiple_choice", ("acc",), "aps/super_glue", "boolq", "validation", boolq_doc,
-             (Local("boolq_validation.jsonl", "validation"), Local("boolq.jsonl", "validation"))),
-]}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec(
+            "arc_easy",
+            "multiple_choice",
+            MC2,
+            "allenai/ai2_arc",
+            "ARC-Easy",
+            "test",
+            arc_doc,
+            (
+                Local("arc_easy.jsonl", "test"),
+                Local("arc_easy_test.jsonl", "test"),
+                Local("arc_easy_validation.jsonl", "validation"),
+            ),
+        ),
+        TaskSpec(
+            "arc_challenge",
+            "multiple_choice",
+            MC2,
+            "allenai/ai2_arc",
+            "ARC-Challenge",
+            "test",
+            arc_doc,
+            (
+                Local("arc_challenge.jsonl", "test"),
+                Local("arc_challenge_test.jsonl", "test"),
+                Local("arc_challenge_validation.jsonl", "validation"),
+            ),
+        ),
+        TaskSpec(
+            "hellaswag",
+            "multiple_choice",
+            MC2,
+            "Rowan/hellaswag",
+            None,
+            "validation",
+            hellaswag_doc,
+            (
+                Local("hellaswag_validation.jsonl", "validation"),
+                Local("hellaswag.jsonl", "validation"),
+                Local(
+                    "hellaswag_validation_olmes1000.jsonl",
+                    "validation",
+                    "1,000-item OLMES subsample of validation (seed 1234)",
+                ),
+            ),
+        ),
+        TaskSpec(
+            "openbookqa",
+            "multiple_choice",
+            MC2,
+            "allenai/openbookqa",
+            "main",
+            "test",
+            openbookqa_doc,
+            (
+                Local("openbookqa_test.jsonl", "test"),
+                Local("openbook_qa.jsonl", "test"),
+                Local("openbookqa_validation.jsonl", "validation"),
+            ),
+        ),
+        TaskSpec(
+            "piqa",
+            "multiple_choice",
+            MC2,
+            "baber/piqa",
+            None,
+            "validation",
+            piqa_doc,
+            (Local("piqa_validation.jsonl", "validation"), Local("piqa.jsonl", "validation")),
+        ),
+        TaskSpec(
+            "winogrande",
+            "multiple_choice",
+            ("acc",),
+            "allenai/winogrande",
+            "winogrande_xl",
+            "validation",
+            winogrande_doc,
+            (Local("winogrande_xl_validation.jsonl", "validation"), Local("winogrande.jsonl", "validation")),
+        ),
+        TaskSpec(
+            "sciq",
+            "multiple_choice",
+            MC2,
+            "allenai/sciq",
+            None,
+            "test",
+            sciq_doc,
+            (Local("sciq_test.jsonl", "test"), Local("sciq_validation.jsonl", "validation")),
+        ),
+        TaskSpec(
+            "lambada_openai",
+            "loglikelihood",
+            ("acc", "perplexity"),
+            "EleutherAI/lambada_openai",
+            "default",
+            "test",
+            lambada_doc,
+            (Local("lambada_openai_test.jsonl", "test"), Local("lambada_openai.jsonl", "test")),
+        ),
+        TaskSpec(
+            "boolq",
+            "multiple_choice",
+            ("acc",),
+            "aps/super_glue",
+            "boolq",
+            "validation",
+            boolq_doc,
+            (Local("boolq_validation.jsonl", "validation"), Local("boolq.jsonl", "validation")),
+        ),
+    ]
+}
 
 
 def get_task(name: str) -> TaskSpec:
@@ -190,6 +286,7 @@ def get_task(name: str) -> TaskSpec:
 
 
 # ---- reading rows ------------------------------------------------------------------------------------
+
 
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a .jsonl / .json / .parquet file or of a `datasets.save_to_disk` directory."""
@@ -226,8 +323,9 @@ def hub_host() -> tuple[str, int]:
 @lru_cache(maxsize=4)
 def _hub_reachable(host: str, port: int, timeout: float) -> str | None:
     """None when a TCP connection to the hub opens within `timeout` seconds, else the reason."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or \
-            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ) not in ("0", "", "false"):
         return "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -256,8 +354,13 @@ def load_hub_rows(path: str, name: str | None, split: str, data_files=None) -> l
     return list(datasets.load_dataset(path, name, split=split, **kwargs))
 
 
-def load_docs(spec: TaskSpec, data_dir: str | None = None, files: dict | None = None, limit: int | None = None,
-              hub_timeout: float = 5.0) -> tuple[list, dict]:
+def load_docs(
+    spec: TaskSpec,
+    data_dir: str | None = None,
+    files: dict | None = None,
+    limit: int | None = None,
+    hub_timeout: float = 5.0,
+) -> tuple[list, dict]:
     """(documents, provenance) of a task; `limit` keeps the first documents, as `lm_eval --limit` does."""
     files = files or {}
     rows, source = None, None
@@ -288,16 +391,19 @@ def load_docs(spec: TaskSpec, data_dir: str | None = None, files: dict | None = 
         try:
             rows = load_hub_rows(spec.hub_path, spec.hub_name, spec.split)
         except Exception as e:  # noqa: BLE001
-            raise TaskUnavailable(f"loading {spec.hub_path} ({spec.hub_name}, {spec.split}) from the hub failed: "
-                                  f"{str(e).splitlines()[0][:200]}; {HUB_HINT}") from None
+            raise TaskUnavailable(
+                f"loading {spec.hub_path} ({spec.hub_name}, {spec.split}) from the hub failed: "
+                f"{str(e).splitlines()[0][:200]}; {HUB_HINT}"
+            ) from None
         source = {"source": f"hf:{spec.hub_path}" + (f"/{spec.hub_name}" if spec.hub_name else ""), "split": spec.split}
     if limit is not None:
-        rows = rows[:int(limit)]
+        rows = rows[: int(limit)]
     try:
         docs = [spec.to_doc(r) for r in rows]
     except (KeyError, ValueError, TypeError) as e:
-        raise TaskUnavailable(f"rows of {source['source']} do not fit task {spec.name} ({e.__class__.__name__}: {e})") \
-            from None
+        raise TaskUnavailable(
+            f"rows of {source['source']} do not fit task {spec.name} ({e.__class__.__name__}: {e})"
+        ) from None
     if not docs:
         raise TaskUnavailable(f"{source['source']} holds no rows")
     return docs, source

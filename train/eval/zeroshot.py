@@ -17,12 +17,13 @@ ConfigurableTask, `models/huggingface.py`):
   * rolling log-likelihood: disjoint windows of max_length predicted tokens, each with as much
     preceding context as fits, the first one after the end-of-text token.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -33,11 +34,13 @@ log = logging.getLogger("pelab.eval")
 
 # ---- models ----------------------------------------------------------------------------------------
 
+
 class FnModel:
     """Any `logits_fn(idx (B, T) long) -> logits (B, T, V)` as a scorer model (tests, stubs, other LMs)."""
 
-    def __init__(self, logits_fn: Callable[[Tensor], Tensor], device: str | torch.device = "cpu",
-                 vocab_size: int | None = None):
+    def __init__(
+        self, logits_fn: Callable[[Tensor], Tensor], device: str | torch.device = "cpu", vocab_size: int | None = None
+    ):
         self.fn = logits_fn
         self.device = torch.device(device)
         self.vocab_size = vocab_size
@@ -70,8 +73,13 @@ class GPTModel:
     bf16 autocast when `autocast_dtype` is set (GPU), fp32 otherwise; the LM head is computed as the
     trainer's fused loss computes it (hidden states and weight in the autocast dtype, fp32 softmax)."""
 
-    def __init__(self, model, device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None,
-                 head_chunk_rows: int = 4096):
+    def __init__(
+        self,
+        model,
+        device: torch.device | str | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        head_chunk_rows: int = 4096,
+    ):
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.autocast_dtype = autocast_dtype
@@ -124,13 +132,14 @@ class GPTModel:
         h, t = h.reshape(B * T, d), targets.reshape(B * T)
         out = torch.empty(B * T, dtype=torch.float32, device=h.device)
         for s in range(0, B * T, self.head_chunk_rows):
-            logits = self.head(h[s:s + self.head_chunk_rows])
-            tt = t[s:s + self.head_chunk_rows]
-            out[s:s + self.head_chunk_rows] = torch.logsumexp(logits, -1) - logits.gather(1, tt[:, None])[:, 0]
+            logits = self.head(h[s : s + self.head_chunk_rows])
+            tt = t[s : s + self.head_chunk_rows]
+            out[s : s + self.head_chunk_rows] = torch.logsumexp(logits, -1) - logits.gather(1, tt[:, None])[:, 0]
         return out.view(B, T)
 
 
 # ---- scorer ----------------------------------------------------------------------------------------
+
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) pairs that score every token once: disjoint blocks of at most
@@ -143,7 +152,7 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -
     start = first
     while start < len(tokens):
         end = min(len(tokens), start + max_length)
-        out.append((tokens[max(0, end - max_length - 1):start], tokens[start:end]))
+        out.append((tokens[max(0, end - max_length - 1) : start], tokens[start:end]))
         start = end
     return out
 
@@ -151,8 +160,15 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -
 class Scorer:
     """Log-likelihoods, rolling log-likelihoods and greedy generation over a scorer model."""
 
-    def __init__(self, lm, tokenizer, max_length: int, batch_size: int = 16, batch_tokens: int | None = None,
-                 prefix_token_id: int | None = None):
+    def __init__(
+        self,
+        lm,
+        tokenizer,
+        max_length: int,
+        batch_size: int = 16,
+        batch_tokens: int | None = None,
+        prefix_token_id: int | None = None,
+    ):
         self.lm = lm
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
@@ -176,7 +192,7 @@ class Scorer:
             context = context[:-n_spaces]
         whole = self.encode(context + continuation)
         ctx = self.encode(context)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     # -- batching
     def _batches(self, order: list[int], lengths: list[int]) -> Iterable[list[int]]:
@@ -185,7 +201,7 @@ class Scorer:
             rows = self.batch_size
             if self.batch_tokens:
                 rows = max(1, min(rows, self.batch_tokens // max(1, lengths[order[i]])))
-            yield order[i:i + rows]
+            yield order[i : i + rows]
             i += rows
 
     @torch.no_grad()
@@ -196,7 +212,7 @@ class Scorer:
             cont = list(cont)
             if not cont:
                 raise ValueError("empty continuation: nothing to score")
-            full = (list(ctx) + cont)[-(self.max_length + 1):]
+            full = (list(ctx) + cont)[-(self.max_length + 1) :]
             n = min(len(cont), len(full) - 1)  # a continuation longer than the window is scored in part
             inputs.append(full[:-1])
             targets.append(full[-n:])
@@ -242,8 +258,9 @@ class Scorer:
 
     # -- greedy generation (no KV cache: one full forward per new token, logits at the last row only)
     @torch.no_grad()
-    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Callable[[list[int]], bool] | None = None
+    ) -> list[list[int]]:
         """Greedy continuation tokens of each prompt (at most `max_new_tokens`; a row stops at the
         end-of-text token or when `stop(generated)` is true). Ids beyond the tokenizer are never chosen."""
         vocab = getattr(self.tokenizer, "vocab_size", None)
@@ -262,7 +279,7 @@ class Scorer:
                 idx = torch.zeros(len(live), T, dtype=torch.long)
                 rows = torch.zeros(len(live), 1, dtype=torch.long)
                 for j, r in enumerate(live):
-                    idx[j, :len(seqs[r])] = torch.tensor(seqs[r])
+                    idx[j, : len(seqs[r])] = torch.tensor(seqs[r])
                     rows[j, 0] = len(seqs[r]) - 1
                 logits = self.lm.logits_at(idx.to(dev), rows.to(dev))[:, 0].float()
                 if vocab is not None and logits.shape[-1] > vocab:
@@ -290,7 +307,7 @@ class Scorer:
             max_new = int(kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", 256)))
             if kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0) or 0.0) > 0:
                 log.warning("pelab generate_until decodes greedily; ignoring do_sample=True")
-            ctx = self.encode(context)[-max(1, self.max_length - max_new):] if context else [self.prefix_token_id]
+            ctx = self.encode(context)[-max(1, self.max_length - max_new) :] if context else [self.prefix_token_id]
 
             def stop(gen, until=until):
                 text = self.tokenizer.decode(gen)
@@ -306,6 +323,7 @@ class Scorer:
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
+
 
 def mc_predictions(lls: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
     """(argmax ll, argmax ll / len(choice)) as the harness computes them (first index on ties)."""
@@ -351,10 +369,11 @@ def score_task(scorer: Scorer, task, docs: list) -> dict:
 GRAPE_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa", "winogrande", "sciq")
 
 
-def run_zeroshot(scorer: Scorer, cfg, data_dir: str | None = None, limit: int | None = None,
-                 hub_timeout: float = 5.0) -> dict:
+def run_zeroshot(
+    scorer: Scorer, cfg, data_dir: str | None = None, limit: int | None = None, hub_timeout: float = 5.0
+) -> dict:
     """Every task of `cfg.tasks`: metrics, item count, source and split, or `skipped` with the reason."""
-    from train.eval import tasks as T
+    from pelab.train.eval import tasks as T
 
     files = {k: str(v) for k, v in dict(cfg.get("files") or {}).items() if v}
     results, docs_cache = {}, {}
@@ -372,11 +391,18 @@ def run_zeroshot(scorer: Scorer, cfg, data_dir: str | None = None, limit: int | 
         docs_cache[name] = docs
         metrics = score_task(scorer, spec, docs)
         results[name] = {**metrics, "n": len(docs), **source}
-        log.info("zeroshot %-15s n=%-5d %s", name, len(docs),
-                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.endswith("stderr")))
+        log.info(
+            "zeroshot %-15s n=%-5d %s",
+            name,
+            len(docs),
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.endswith("stderr")),
+        )
     done = [t for t in GRAPE_TASKS if t in results and "acc" in results[t]]
     summary = {"tasks": results}
     if done:
-        summary["average"] = {"acc": float(np.mean([results[t]["acc"] for t in done])), "tasks": done,
-                              "complete": len(done) == len(GRAPE_TASKS)}
+        summary["average"] = {
+            "acc": float(np.mean([results[t]["acc"] for t in done])),
+            "tasks": done,
+            "complete": len(done) == len(GRAPE_TASKS),
+        }
     return summary
