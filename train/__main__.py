@@ -21,6 +21,18 @@ class ConfigError(ValueError):
     """A config problem found before any heavy work; the message names the fix."""
 
 
+def _no_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning_logging() -> None:
+    """Lightning's own console handler on the `lightning` logger repeats every line that Hydra's root
+    handlers print (as "INFO: ..."), and it advertises litlogger on every run: print each line once."""
+    if logging.getLogger().hasHandlers():
+        logging.getLogger("lightning").handlers.clear()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_litlogger_tip)
+
+
 def _resolve_auto(value, gpu_value, cpu_value, has_gpu: bool):
     return (gpu_value if has_gpu else cpu_value) if value == "auto" else value
 
@@ -100,6 +112,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
     from pelab.train.strategy import build as build_strategy
     from pelab.train.strategy import resume_format_problem
 
+    quiet_lightning_logging()
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
