@@ -8,11 +8,18 @@ checkpoints/last.ckpt.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-import hydra
-import pelab.train.config  # noqa: F401  (registers resolvers before Hydra composes)
-from omegaconf import DictConfig, OmegaConf
+# Idle OpenMP threads sleep instead of spinning (set before torch loads libgomp). libgomp's default spin
+# at every barrier made a gpt_tiny CPU step 12x slower when other processes share the cores (8.3 s vs
+# 0.67 s on 2 cores, bench/RESULTS.md); on idle cores steps take about a third longer, which
+# OMP_WAIT_POLICY=ACTIVE wins back on a dedicated machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hydra  # noqa: E402
+import pelab.train.config  # noqa: E402, F401  (registers resolvers before Hydra composes)
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 log = logging.getLogger("pelab")
 
