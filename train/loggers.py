@@ -31,6 +31,18 @@ from pelab.train.metrics import SECTIONS
 log = logging.getLogger("pelab")
 
 
+def _no_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning_logging() -> None:
+    """Lightning's own console handler on the `lightning` logger repeats every line that Hydra's root
+    handlers print (as "INFO: ..."), and it advertises litlogger on every run: print each line once."""
+    if logging.getLogger().hasHandlers():
+        logging.getLogger("lightning").handlers.clear()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_litlogger_tip)
+
+
 def wandb_mode(requested: str) -> str:
     """online when an API key is configured (env or ~/.netrc), offline otherwise."""
     if requested in ("online", "offline", "disabled"):

@@ -19,7 +19,7 @@ from pelab.train.checkpoints import AtomicCheckpointIO, PeriodicCheckpoint, resu
 from pelab.train.config import ConfigError, model_config
 from pelab.train.eval.callback import periodic_eval_callbacks
 from pelab.train.eval.checkpoint import init_from
-from pelab.train.loggers import WandbRun, build_loggers, finish_wandb
+from pelab.train.loggers import WandbRun, build_loggers, finish_wandb, quiet_lightning_logging
 from pelab.train.metrics import MetricSink
 from pelab.train.module import LMModule
 from pelab.train.plan import plan
@@ -46,6 +46,7 @@ def _resolve_auto(value, gpu_value, cpu_value, has_gpu: bool):
 
 def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
     """Train one cell; returns the summary dict (also written to <run_dir>/summary.json)."""
+    quiet_lightning_logging()
     run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
     apply_slurm_world(cfg)  # under srun: trainer.devices / num_nodes = the job's tasks per node / nodes
     sizes = plan(cfg)
