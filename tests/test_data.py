@@ -158,7 +158,8 @@ def test_too_small_val_shard_is_reported(sample_cfg, tmp_path):
     write_shard(small / "s_train_000001.bin", np.arange(1000))
     write_manifest(small, load_tokenizer(), num_docs=1, source="test")
     dm = TokenDataModule(OmegaConf.merge(sample_cfg, {"dir": str(small), "name": "tiny"}), SEQ_LEN, MBS, ACCUM, 0)
-    with pytest.raises(ValueError, match="needs 32769 tokens in the val shard, which holds 100"):
+    needed = sample_cfg.val_tokens // SEQ_LEN * SEQ_LEN + 1
+    with pytest.raises(ValueError, match=f"needs {needed} tokens in the val shard, which holds 100"):
         dm.setup()
 
 

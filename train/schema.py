@@ -106,7 +106,8 @@ class AutoStrategyOptions:
 
 @dataclass
 class TrainerConfig:
-    """The `trainer` group. default: one device (GPU if present, else CPU), sizes for gpt_tiny on a CPU;
+    """The `trainer` group. default: one device (GPU if present, else CPU), sizes for gpt_tiny on a CPU
+    (`make train`: ~100k tokens, loss ~10.8 -> ~6.3 in about 2 minutes on 2 cores);
     ddp / fsdp / auto: all GPUs of the node with that strategy (the options blocks below)."""
 
     name: str = "default"
@@ -124,12 +125,12 @@ class TrainerConfig:
     # auto | cudnn | sdpa_flash | sdpa | flash_attn | flex | flex_const | triton | chunked | eager | sdpa_dense_bias
     attention_backend: str = "auto"
     seq_len: int = 128
-    micro_batch_size: int = 8
+    micro_batch_size: int = 4
     # Tokens per optimizer step over all devices; accumulation = global / (micro_batch * seq_len * world).
-    global_batch_tokens: int = 1024
-    max_steps: int = 300
-    val_every: int = 100
-    log_every: int = 10
+    global_batch_tokens: int = 512
+    max_steps: int = 200
+    val_every: int = 25
+    log_every: int = 5
     ckpt_every: int = 100
     # Periodic checkpoints kept besides last.ckpt (0: last.ckpt only).
     keep_checkpoints: int = 2
