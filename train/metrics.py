@@ -88,22 +88,20 @@ class MetricSink(L.Callback):
     """The run's metric tables (TABLES) and the loggers; see the module docstring. (Not `log`: Lightning
     replaces every callback's `log` with the LightningModule's.)
 
-    On resume (`on_train_start`, after the checkpoint restored the step) the rows after the
-    checkpoint's step are dropped, so a table never holds a step twice."""
+    The tables start as the run directory's rows up to `resume_step` (the step of the checkpoint the
+    run continues from; 0 for a fresh start): a table never holds a step twice, and a run resumed at its
+    last step keeps its whole history."""
 
-    def __init__(self, run_dir: Path, tokens_per_step: int):
+    def __init__(self, run_dir: Path, tokens_per_step: int, resume_step: int = 0):
         self.run_dir = Path(run_dir)
         self.tokens_per_step = int(tokens_per_step)
-        self.tables: dict[str, dict[int, dict]] = {name: {} for name in TABLES}
+        self.tables = {name: read_step_csv(self.path(name), resume_step) for name in TABLES}
 
     def path(self, table: str) -> Path:
         return self.run_dir / TABLES[table][0]
 
     def rows(self, table: str = "metrics") -> dict[int, dict]:
         return self.tables[table]
-
-    def on_train_start(self, trainer, pl_module):  # not on_fit_start: global_step is restored only after it
-        self.tables = {name: read_step_csv(self.path(name), trainer.global_step) for name in TABLES}
 
     def record(self, trainer, step: int, metrics: dict, table: str = "metrics") -> None:
         """Record `metrics` of optimizer step `step` (with the tokens seen by then) and send them on."""

@@ -7,6 +7,7 @@ host syncs happen only at logging steps.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ from pelab.train.metrics import peak_flops
 from pelab.train.schema import MonitorConfig
 from pelab.train.stability import StepStats
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+log = logging.getLogger("pelab")
 
 
 def _numpy_state_to_list() -> list:
@@ -78,6 +81,7 @@ class LMModule(L.LightningModule):
         self.last_metrics: dict[str, float] | None = None  # set at logging steps, read by callbacks
         self.val_loss: float | None = None
         self._nonfinite = None
+        self.nonfinite_skipped = 0  # this process's updates skipped for a non-finite loss (stop_on_nonfinite=false)
         self._val_sum = None
         self._t_last = None
         self._step_last = 0
@@ -139,12 +143,28 @@ class LMModule(L.LightningModule):
         elif bool(finite) and not skip:  # skip mode: the only per-step host sync, and only when asked for
             opt.step()
         else:
+            if not bool(finite):
+                self._skipped_nonfinite(self.global_step + 1)
             self.skip_update(opt)
         opt.zero_grad(set_to_none=True)
         sched.step()
         step = self.global_step  # already counts this update
         if step % self.log_every == 0 or step == self.max_steps:
             self._log_step(step, loss, lse, grad_norm, clip, sched.get_last_lr()[0])
+
+    def _skipped_nonfinite(self, step: int) -> None:
+        """trainer.stop_on_nonfinite=false: count the skipped update (stability/skipped_steps, summary.json)
+        and say so, on the first one and every 100th."""
+        self.nonfinite_skipped += 1
+        if self.step_stats is not None:
+            self.step_stats.skipped += 1
+        if self.nonfinite_skipped == 1 or self.nonfinite_skipped % 100 == 0:
+            log.warning(
+                "step %d: non-finite loss or gradient, update skipped (%d skipped so far; trainer.stop_on_nonfinite="
+                "false). If every step is skipped, lower optim.lr",
+                step,
+                self.nonfinite_skipped,
+            )
 
     def clip_grad_norm(self, clip: float) -> torch.Tensor:
         """Clip to `clip` and return the pre-clip norm of the whole (global) gradient. Under FSDP each

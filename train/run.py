@@ -15,7 +15,7 @@ from pelab.data.atomic import atomic_write_json
 from pelab.data.datamodule import TokenDataModule
 from pelab.models.inspect import describe
 from pelab.models.kernels import kernels_used
-from pelab.train.checkpoints import AtomicCheckpointIO, PeriodicCheckpoint, resume_format_problem
+from pelab.train.checkpoints import AtomicCheckpointIO, DiskFull, PeriodicCheckpoint, resume_format_problem
 from pelab.train.config import ConfigError, model_config
 from pelab.train.eval.callback import periodic_eval_callbacks
 from pelab.train.eval.checkpoint import init_from
@@ -24,7 +24,14 @@ from pelab.train.metrics import MetricSink
 from pelab.train.module import LMModule
 from pelab.train.plan import plan
 from pelab.train.report import plot_runs
-from pelab.train.rundir import resume_checkpoint, save_config
+from pelab.train.rundir import (
+    checkpoint_model_mismatch,
+    checkpoint_step,
+    finished_summary,
+    resume_checkpoint,
+    run_lock,
+    save_config,
+)
 from pelab.train.slurm import (
     Preempted,
     RequeueOnSignal,
@@ -40,18 +47,43 @@ from pelab.train.sweep import in_multirun, record_cell
 log = logging.getLogger("pelab")
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _resolve_auto(value, gpu_value, cpu_value, has_gpu: bool):
     return (gpu_value if has_gpu else cpu_value) if value == "auto" else value
 
 
 def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
-    """Train one cell; returns the summary dict (also written to <run_dir>/summary.json)."""
+    """Train one cell; returns the summary dict (also written to <run_dir>/summary.json). The run
+    directory is locked meanwhile; a run that already finished is left untouched."""
     quiet_lightning_logging()
     run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
     apply_slurm_world(cfg)  # under srun: trainer.devices / num_nodes = the job's tasks per node / nodes
     sizes = plan(cfg)
-    ckpt = resume_checkpoint(cfg, run_dir)
-    model_cfg = model_config(cfg)
+    with run_lock(run_dir):
+        ckpt = resume_checkpoint(cfg, run_dir)
+        done = finished_summary(cfg, run_dir, ckpt)
+        if done is not None:
+            log.info(
+                "nothing to do: %s finished at step %d (summary.json); raise trainer.max_steps to train further",
+                run_dir,
+                done["steps"],
+            )
+            return done
+        return _train(cfg, run_dir, sizes, ckpt)
+
+
+def _train(cfg: DictConfig, run_dir: Path, sizes: dict, ckpt: Path | None) -> dict:
+    try:
+        model_cfg = model_config(cfg)
+    except ValueError as e:  # GPTConfig's own checks (head sizes, ...): a config problem
+        raise ConfigError(f"model: {e}") from None
+    if ckpt is not None:
+        mismatch = checkpoint_model_mismatch(ckpt, model_cfg)
+        if mismatch:
+            raise ConfigError(mismatch)
     has_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     precision = _resolve_auto(cfg.trainer.precision, "bf16-mixed", "32-true", has_gpu)
     compile_model = bool(_resolve_auto(cfg.trainer.compile, True, False, has_gpu))
@@ -86,7 +118,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
     if ckpt is None and cfg.init_from:  # continued training from another run's weights
         for note in init_from(module.model, cfg.init_from, OmegaConf.to_container(cfg.pe, resolve=True)):
             log.info("init_from %s: %s", cfg.init_from, note)
-    sink = MetricSink(run_dir, sizes["tokens_per_step"])
+    sink = MetricSink(run_dir, sizes["tokens_per_step"], checkpoint_step(ckpt) if ckpt else 0)
     periodic = PeriodicCheckpoint(run_dir / "checkpoints", cfg.trainer.ckpt_every, cfg.trainer.keep_checkpoints)
     # SLURM pre-timeout / preemption signal: last.ckpt at the step boundary, then Preempted (train_job requeues).
     requeue = RequeueOnSignal(preemption_signals(cfg.preemption.signal), periodic.save, run_dir, periodic.saved)
@@ -156,6 +188,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
         "precision": precision,
         "compile": compile_model,
         "spikes": module.step_stats.spikes if module.step_stats is not None else None,
+        "skipped_steps": module.step_stats.skipped if module.step_stats is not None else module.nonfinite_skipped,
     }
     if trainer.global_rank == 0:
         atomic_write_json(run_dir / "summary.json", summary)
@@ -164,7 +197,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
             f"\nrun dir   {run_dir}\n"
             f"metrics   {run_dir / 'metrics.csv'}\nplot      {run_dir / 'loss.png'}\n"
             f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}\nsummary   {run_dir / 'summary.json'}\n"
-            f"final     train/loss {summary['train_loss']:.4f}  val/loss {summary['val_loss']:.4f}  "
+            f"final     train/loss {_fmt(summary['train_loss'])}  val/loss {_fmt(summary['val_loss'])}  "
             f"({summary['steps']} steps, {summary['tokens']:,} tokens)"
         )
     finish_wandb(trainer, summary)  # one W&B run per job: close it (a multirun's next cell opens its own)
@@ -178,15 +211,25 @@ def train_job(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg)
     except Preempted as p:  # checkpoint written at a step boundary: requeue the SLURM job (bounded)
-        requeued, why = requeue_after(p, int(cfg.preemption.max_requeues))
-        if requeued:
-            log.warning("%s; %s", p, why)
-            raise SystemExit(0) from None  # not an error; submitit writes no result, the requeued job will
-        log.error("%s; not requeued: %s", p, why)
+        if p.signame == "SIGTERM":  # kill / docker stop / scancel: stop (a sweep too), never requeue
+            why = "rerun the same command to continue"
+        else:
+            requeued, why = requeue_after(p, int(cfg.preemption.max_requeues))
+            if requeued:
+                log.warning("%s; %s", p, why)
+                raise SystemExit(0) from None  # not an error; submitit writes no result, the requeued job will
+            why = f"not requeued: {why}"
+        log.error("%s; %s", p, why)
         if multirun:
-            record_cell("failed", error=f"{p}; not requeued: {why}")
-            return None
+            record_cell("failed", error=f"{p}; {why}")
+            if p.signame != "SIGTERM":
+                return None
         raise SystemExit(3) from None
+    except DiskFull as e:  # the previous checkpoints are intact; one line says how much space is needed where
+        log.error("%s", e)
+        if multirun:
+            record_cell("failed", error=str(e))
+        raise SystemExit(1) from None
     except Exception as e:
         if multirun:  # a failed cell is recorded and the sweep goes on (summary.json marks it)
             record_cell("failed", error=e)

@@ -126,7 +126,8 @@ def _signal(name) -> signal.Signals:
 
 
 def preemption_signals(cfg_signal) -> list[signal.Signals]:
-    """The configured signal, plus submitit's (USR2 unless SUBMITIT_PREEMPT_SIGNAL) in submitit jobs."""
+    """The configured signal, plus submitit's (USR2 unless SUBMITIT_PREEMPT_SIGNAL) in submitit jobs, plus
+    SIGTERM (plain `kill`, `docker stop`, `scancel`): each checkpoints at the end of the step and stops."""
     sigs = [
         _signal(s)
         for s in (
@@ -140,6 +141,8 @@ def preemption_signals(cfg_signal) -> list[signal.Signals]:
         sub = _signal(os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
         if sub not in sigs:
             sigs.append(sub)
+    if signal.SIGTERM not in sigs:
+        sigs.append(signal.SIGTERM)
     return sigs
 
 
