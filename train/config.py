@@ -10,6 +10,7 @@ command under Hydra and reports a config problem as one line with exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -51,9 +52,21 @@ def short_dirname(name: str, limit: int = 200) -> str:
     return name.encode()[: limit - 9].decode(errors="ignore") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
 
+def checked_run_name(name: Any) -> str:
+    """`run_name` as the run directory's name under paths.runs: refused when empty or a path."""
+    text = "" if name is None else str(name)
+    if not text.strip() or text in (".", "..") or "/" in text or "\\" in text:
+        raise ConfigError(
+            f"run_name={text!r} must name one directory inside paths.runs (not empty, no '/', not '.' or '..'); "
+            f"e.g. run_name=my-run, or paths.runs=<dir> to write elsewhere"
+        )
+    return text
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("pelab.if", lambda cond, a, b: a if cond else b, replace=True)
     OmegaConf.register_new_resolver("pelab.dirname", short_dirname, replace=True)
+    OmegaConf.register_new_resolver("pelab.run_name", checked_run_name, replace=True)
     # Every registered PE, comma-separated: the PE matrix of conf/sweep/pe_matrix.yaml.
     OmegaConf.register_new_resolver("pelab.pe_names", lambda: ",".join(pe_registry.available()), replace=True)
 
@@ -101,6 +114,31 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
 
 
+def unknown_keys(node: Any, where: str = "") -> list[str]:
+    """Keys of a composed config that its schema does not have (Hydra's `+key=...` adds any key, and
+    would otherwise be ignored silently): "'foo' is not a key of trainer; valid keys: ..."."""
+    if not isinstance(node, DictConfig):
+        return []
+    problems = []
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            if key not in known:
+                problems.append(f"'{key}' is not a key of {where or 'the config'}; valid keys: {', '.join(known)}")
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            problems += unknown_keys(child, f"{where}.{key}" if where else str(key))
+    return problems
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    problems = unknown_keys(cfg)
+    if problems:
+        raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
@@ -130,6 +168,22 @@ def config_error_message(e: BaseException) -> str | None:
     return f"{head}: {detail}" if head else detail
 
 
+# Keys whose values are paths: a sweep cell's directory (`.../pe=rope,seed=1`) is passed as it is.
+PATH_KEYS = ("checkpoint", "init_from", "eval.out_dir", "eval.data_dir", "paths.runs", "paths.data", "hydra.sweep.dir")
+
+
+def quote_path_value(arg: str) -> str:
+    """`checkpoint=runs/multirun/x/pe=rope,seed=1` -> `checkpoint='runs/multirun/x/pe=rope,seed=1'`: Hydra's
+    override grammar reads `=` and `,` in a value as syntax, so a path value holding `=` (never valid
+    unquoted), or an existing path holding `,`, is quoted."""
+    key, sep, value = arg.partition("=")
+    if not sep or key not in PATH_KEYS or not value or value[0] in "'\"" or "'" in value:
+        return arg
+    if "=" in value or ("," in value and Path(value).expanduser().exists()):
+        return f"{key}='{value}'"
+    return arg
+
+
 def hydra_entry(task_function: Callable[[DictConfig], Any], config_name: str) -> Callable[[], None]:
     """The command-line entry point running `task_function` under Hydra (overrides, `-m` multiruns,
     launchers, sweep callbacks) on conf/<config_name>.yaml. A config problem prints one line and exits
@@ -137,6 +191,7 @@ def hydra_entry(task_function: Callable[[DictConfig], Any], config_name: str) ->
     hydra_main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task_function)
 
     def main() -> None:
+        sys.argv[1:] = [quote_path_value(arg) for arg in sys.argv[1:]]
         user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing; we print one line
         try:
@@ -164,7 +219,7 @@ def model_vocab_size(cfg: DictConfig) -> int:
     tokenizer_vocab = tokenizer_from_cfg(tok).vocab_size
     requested = cfg.model.get("vocab_size")
     if requested and int(requested) < tokenizer_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"model.vocab_size={requested} is smaller than the {tok.name} tokenizer's {tokenizer_vocab} "
             f"tokens; drop model.vocab_size (it defaults to the tokenizer's) or pick a matching tokenizer"
         )

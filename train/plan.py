@@ -9,11 +9,15 @@ number the trainer runs with.
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from pelab.train.config import ConfigError
+from pelab.models.kernels import kernel_names
+from pelab.train import schedule
+from pelab.train.config import ConfigError, check_known_keys
 
 
 def uses_gpu(t) -> bool:
@@ -46,8 +50,38 @@ def world_size(t) -> int:
     return devices_per_node(t) * int(t.num_nodes)
 
 
+def check_values(cfg: DictConfig) -> None:
+    """Values of the right type that cannot work: one ConfigError naming the key and the fix."""
+    check_known_keys(cfg)
+    t, o = cfg.trainer, cfg.optim
+    backends = ["auto", *kernel_names()]
+    if t.attention_backend not in backends:
+        raise ConfigError(
+            f"trainer.attention_backend={t.attention_backend} is not an attention kernel available here; "
+            f"choose one of {', '.join(backends)}"
+        )
+    if o.schedule not in schedule.available():
+        raise ConfigError(f"optim.schedule={o.schedule} is unknown; choose one of {', '.join(schedule.available())}")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise ConfigError(f"optim.lr={o.lr} must be a positive finite number, e.g. optim.lr=1e-3")
+    for key in ("warmup_steps", "decay_steps"):
+        if o.get(key) is not None and o[key] < 0:
+            raise ConfigError(f"optim.{key}={o[key]} must be >= 0")
+    for key in ("val_every", "log_every"):
+        if t[key] <= 0:
+            raise ConfigError(f"trainer.{key}={t[key]} must be positive")
+    if str(t.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={t.accelerator} but no GPU is visible to PyTorch (torch.cuda.is_available() is "
+            f"False); use trainer.accelerator=auto (GPU when present, else CPU) or cpu"
+        )
+    if cfg.init_from and not Path(str(cfg.init_from)).expanduser().exists():
+        raise ConfigError(f"init_from={cfg.init_from} does not exist; pass a run directory or a .ckpt file")
+
+
 def plan(cfg: DictConfig) -> dict:
     """{"world", "accum", "tokens_per_step"}, or a ConfigError that names the fix."""
+    check_values(cfg)
     t = cfg.trainer
     world = world_size(t)
     per_micro = int(t.micro_batch_size) * int(t.seq_len) * world
