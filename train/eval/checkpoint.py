@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from pelab.data.tokenizer import load_tokenizer, tokenizer_from_cfg
 from pelab.models.config import GPTConfig
 from pelab.models.gpt import GPT
-from pelab.train.checkpoints import is_sharded_checkpoint
+from pelab.train.checkpoints import checkpoint_identity, is_sharded_checkpoint, newest_intact, verify
 from pelab.train.config import model_config
 
 log = logging.getLogger("pelab.eval")
@@ -52,6 +52,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 f"{cand} is a sharded (FSDP) checkpoint; make it one file first: "
                 f"python -m train.consolidate {cand} <file.ckpt>"
             )
+    if (p / "checkpoints").is_dir():  # a run directory: its newest intact checkpoint
+        chosen, problems = newest_intact(p / "checkpoints")
+        if chosen is not None and problems:
+            log.warning("%s; evaluating %s, the newest intact checkpoint", "; ".join(problems), chosen)
+        if chosen is not None:
+            return chosen
+    for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
         if cand.is_file():
             return cand
     if p.is_dir():
@@ -189,10 +196,16 @@ def build_model(
 
 
 def checkpoint_state(ckpt: Path) -> dict:
+    problem = verify(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt} is {problem}; pass another checkpoint=<run dir or .ckpt file>")
     try:
         return torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (corrupt, truncated or foreign file)
-        raise CheckpointError(f"cannot read checkpoint {ckpt}: {e}") from None
+    except Exception as e:  # noqa: BLE001  (a foreign file; PyTorch's message is many lines)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {ckpt} ({first}); pass a checkpoint written by python -m train"
+        ) from None
 
 
 def model_state_dict(state: dict) -> dict[str, torch.Tensor]:
@@ -234,6 +247,7 @@ class Loaded:
     pe: dict
     pe_overrides: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    sha256: str | None = None
 
     @property
     def precision(self) -> str:
@@ -243,6 +257,7 @@ class Loaded:
         return {
             "checkpoint": str(self.ckpt),
             "step": self.step,
+            "sha256": self.sha256,
             "model": self.model_cfg.get("name"),
             "pe": self.pe,
             "pe_overrides": self.pe_overrides,
@@ -323,6 +338,7 @@ def load(
         pe=new_pe,
         pe_overrides=_clean_overrides(pe_overrides),
         notes=notes,
+        sha256=checkpoint_identity(ckpt),
     )
 
 

@@ -224,8 +224,10 @@ def run_retrieval(
     samples: int = 10,
     seed: int = 1234,
     limit: int | None = None,
+    on_cell=None,
 ) -> dict:
-    """Accuracy grid (depth x length) per task, its mean, per-length means and one example per task."""
+    """Accuracy grid (depth x length) per task, its mean, per-length means and one example per task.
+    `on_cell(result so far)` is called after every finished cell (a long run saves as it goes)."""
     builder = Builder(tokenizer, haystack)
     lengths = [int(x) for x in lengths] if lengths else [int(round(float(m) * train_len)) for m in multiples]
     n = min(int(samples), int(limit)) if limit is not None else int(samples)
@@ -264,22 +266,33 @@ def run_retrieval(
                         "answers": items[0].answers,
                         "prediction": preds[0],
                     }
+                out["tasks"][task] = _task_result(rows, grid, lengths, example)
+                log.info(
+                    "retrieval %s length %d depth %s: %.3f", task, L, "all" if depth is None else depth, grid[r][c]
+                )
+                if on_cell is not None:
+                    on_cell(out)
+        out["tasks"][task] = _task_result(rows, grid, lengths, example)
         cells = [v for row in grid for v in row if v is not None]
-        per_len = {}
-        for c, L in enumerate(lengths):
-            col = [grid[r][c] for r in range(len(rows)) if grid[r][c] is not None]
-            per_len[str(L)] = float(np.mean(col)) if col else None
-        out["tasks"][task] = {
-            "depths": rows,
-            "grid": grid,
-            "per_length": per_len,
-            "mean": float(np.mean(cells)) if cells else None,
-            "example": example,
-        }
         if not cells:
             out["tasks"][task]["skipped"] = f"lengths {lengths} are too short for the {task} prompt"
         log.info("retrieval %-18s mean %s", task, "n/a" if not cells else f"{np.mean(cells):.3f}")
     return out
+
+
+def _task_result(rows, grid, lengths, example) -> dict:
+    cells = [v for row in grid for v in row if v is not None]
+    per_len = {}
+    for c, L in enumerate(lengths):
+        col = [grid[r][c] for r in range(len(rows)) if grid[r][c] is not None]
+        per_len[str(L)] = float(np.mean(col)) if col else None
+    return {
+        "depths": rows,
+        "grid": [list(row) for row in grid],
+        "per_length": per_len,
+        "mean": float(np.mean(cells)) if cells else None,
+        "example": example,
+    }
 
 
 def plot_retrieval(result: dict, path: Path, title: str = "") -> Path:

@@ -1,8 +1,9 @@
 """`python -m train.eval`: evaluate a checkpoint on the configured suites and write eval[-tag].json/.md.
 
 Writes, next to the checkpoint (its run directory) or to `eval.out_dir`:
-  eval.json                 every suite evaluated so far for this checkpoint (a later run of another
-                            suite is merged in; a newer checkpoint replaces the file);
+  eval.json                 every suite evaluated so far, per checkpoint (keyed by step + content hash:
+                            a later run of another suite is merged in, every checkpoint's results are
+                            kept; "header"/"suites" at the top are the newest step's);
   eval.md                   the same as tables;
   eval_<suite>.png          the suites' plots (ppl_vs_length, retrieval).
 With PE overrides (context extension, e.g. `pe.base=500000`) the files are named eval-<tag>.* so
@@ -19,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from pelab.data.atomic import atomic_write_text
 from pelab.data.hub import HubUnreachable
+from pelab.train.config import ConfigError, check_known_keys
 from pelab.train.eval.checkpoint import CheckpointError, load
 from pelab.train.eval.suites import SUITES, EvalError, render_markdown, run_suites
 from pelab.train.eval.zeroshot import GPTModel
@@ -40,30 +42,63 @@ def auto_tag(pe_overrides: dict) -> str:
     return "-".join(parts).replace("/", "_").replace(" ", "")
 
 
+def checkpoint_key(header: dict) -> str:
+    """A checkpoint's identity in eval.json: its step and content hash (the same file evaluated as a run
+    dir, a step file or an absolute path is one entry; an older step file is another)."""
+    return f"step-{int(header.get('step', 0)):08d}-{(header.get('sha256') or 'unknown')[:12]}"
+
+
 def write_outputs(out_dir: Path, stem: str, header: dict, results: dict) -> dict:
-    """Merge `results` into <out_dir>/<stem>.json (same checkpoint and step) and rewrite <stem>.md."""
+    """Merge `results` into <out_dir>/<stem>.json and rewrite <stem>.md. The file keeps every checkpoint's
+    results under "checkpoints" (keyed by `checkpoint_key`); "header"/"suites" are those of the newest
+    step evaluated (what eval.md shows)."""
     path = out_dir / f"{stem}.json"
-    doc = {"header": header, "suites": {}}
+    entries: dict[str, dict] = {}
     if path.exists():
         try:
             old = json.loads(path.read_text())
-            if {k: old["header"].get(k) for k in ("checkpoint", "step", "pe")} == {
-                k: header.get(k) for k in ("checkpoint", "step", "pe")
-            }:
-                doc["suites"] = old.get("suites", {})
-        except (ValueError, KeyError):
-            pass
-    doc["suites"].update(results)
-    doc["suites"] = {k: doc["suites"][k] for k in SUITES if k in doc["suites"]}
+            entries = old.get("checkpoints") or {
+                checkpoint_key(old["header"]): {k: old[k] for k in ("header", "suites")}
+            }
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s is not an eval file of this version; rewriting it", path)
+    key = checkpoint_key(header)
+    suites = {**entries.get(key, {}).get("suites", {}), **results}
+    entries[key] = {"header": header, "suites": {k: suites[k] for k in SUITES if k in suites}}
+    newest = entries[max(entries, key=lambda k: (entries[k]["header"].get("step", 0), k == key))]
+    doc = {**newest, "checkpoints": dict(sorted(entries.items()))}
     atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=False, allow_nan=True) + "\n")
     atomic_write_text(out_dir / f"{stem}.md", render_markdown(doc))
     return doc
 
 
-def run_eval(cfg: DictConfig) -> dict:
-    """Evaluate `cfg.checkpoint` on `cfg.suites`; returns the written eval document."""
+def check_request(cfg: DictConfig) -> None:
+    """Values that cannot work, refused before the checkpoint is loaded (one line naming key and fix)."""
+    try:
+        check_known_keys(cfg)
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
     if not cfg.checkpoint:
         raise EvalError("checkpoint=<run dir or .ckpt file> is required")
+    e = cfg.eval
+    if e.limit is not None and e.limit <= 0:
+        raise EvalError(f"eval.limit={e.limit} must be positive, or null for every item")
+    for key in ("batch_size", "batch_tokens"):
+        if e[key] <= 0:
+            raise EvalError(f"eval.{key}={e[key]} must be positive")
+    if e.data_dir and not Path(e.data_dir).expanduser().is_dir():
+        raise EvalError(
+            f"eval.data_dir={e.data_dir} is not a directory; pass the directory of the local task copies "
+            f"(e.g. ../shared/data/eval), or leave it unset to use the Hugging Face hub"
+        )
+    multiples = OmegaConf.select(cfg, "ppl.multiples") or []
+    if "ppl_vs_length" in cfg.suites and any(float(m) <= 0 for m in multiples):
+        raise EvalError(f"ppl.multiples={list(multiples)} must all be positive multiples of the training length")
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    """Evaluate `cfg.checkpoint` on `cfg.suites`; returns the written eval document."""
+    check_request(cfg)
     e = cfg.eval
     loaded = load(
         cfg.checkpoint,
@@ -79,8 +114,15 @@ def run_eval(cfg: DictConfig) -> dict:
     lm = GPTModel(loaded.model, loaded.device, loaded.autocast_dtype)
     title = f"{loaded.model_cfg.get('name')} {loaded.pe.get('name')} step {loaded.step}" + (f" ({tag})" if tag else "")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_suites(lm, loaded.tokenizer, loaded.train_cfg, loaded.train_len, cfg, out_dir, stem, title)
-    doc = write_outputs(out_dir, stem, loaded.describe(), results)
+    header = loaded.describe()
+
+    def save_partial(suite: str, result: dict) -> None:  # a stopped evaluation keeps its finished parts
+        write_outputs(out_dir, stem, header, {suite: result})
+
+    results = run_suites(
+        lm, loaded.tokenizer, loaded.train_cfg, loaded.train_len, cfg, out_dir, stem, title, save_partial
+    )
+    doc = write_outputs(out_dir, stem, header, results)
     print(f"\neval      {out_dir / (stem + '.json')}\ntable     {out_dir / (stem + '.md')}")
     for suite in results:
         plot = results[suite].get("plot")

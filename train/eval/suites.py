@@ -40,6 +40,8 @@ class SuiteContext:
     out_dir: Path | None = None
     stem: str = "eval"
     title: str = ""
+    # save_partial(suite, result so far): a long suite saves each finished part (None: only the end result).
+    save_partial: Any = None
 
     @property
     def limit(self) -> int | None:
@@ -251,6 +253,9 @@ class Retrieval(Suite):
             samples=int(opts.samples),
             seed=int(ctx.options.seed),
             limit=ctx.limit,
+            on_cell=(lambda partial: ctx.save_partial(self.name, {**partial, "partial": True}))
+            if ctx.save_partial
+            else None,
         )
         res["haystack"] = source
         if ctx.out_dir is not None:
@@ -290,13 +295,20 @@ def run_suites(
     out_dir: Path | None = None,
     stem: str = "eval",
     title: str = "",
+    save_partial=None,
 ) -> dict:
-    """Run `cfg.suites` on a scorer model; returns {suite: result}. Plots go to `out_dir` when given."""
+    """Run `cfg.suites` on a scorer model; returns {suite: result}. Plots go to `out_dir` when given;
+    `save_partial(suite, result so far)` gets the finished parts of long suites."""
     unknown = [s for s in cfg.suites if s not in SUITES]
     if unknown:
         raise EvalError(f"unknown suite(s) {unknown}; choose from {list(SUITES)} or suite=all")
-    ctx = SuiteContext(lm, tokenizer, train_cfg, int(train_len), cfg.eval, out_dir, stem, title)
-    return {name: SUITES[name].run(ctx, cfg[SUITES[name].options_key]) for name in cfg.suites}
+    ctx = SuiteContext(lm, tokenizer, train_cfg, int(train_len), cfg.eval, out_dir, stem, title, save_partial)
+    results = {}
+    for name in cfg.suites:
+        results[name] = SUITES[name].run(ctx, cfg[SUITES[name].options_key])
+        if save_partial is not None:
+            save_partial(name, results[name])
+    return results
 
 
 def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:

@@ -30,6 +30,7 @@ import torch
 from pelab.data.hub import require_hub
 from pelab.train.eval import tasks as T
 from torch import Tensor
+from tqdm import tqdm
 
 log = logging.getLogger("pelab.eval")
 
@@ -175,6 +176,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.batch_size = max(1, int(batch_size))
+        self.progress: str | None = None  # a progress bar with this label while scoring (None: none)
         self.batch_tokens = int(batch_tokens) if batch_tokens else None
         self.prefix_token_id = int(tokenizer.eot_id if prefix_token_id is None else prefix_token_id)
 
@@ -222,7 +224,9 @@ class Scorer:
         order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), inputs[i], targets[i]))
         results: list[tuple[float, bool] | None] = [None] * len(inputs)
         dev = self.lm.device
+        bar = tqdm(total=len(inputs), desc=self.progress, unit="req", leave=False, disable=self.progress is None)
         for batch in self._batches(order, [len(x) for x in inputs]):
+            bar.update(len(batch))
             T = max(len(inputs[i]) for i in batch)
             K = max(len(targets[i]) for i in batch)
             idx = torch.zeros(len(batch), T, dtype=torch.long)
@@ -242,6 +246,7 @@ class Scorer:
             greedy = (best | ~mask).all(-1).cpu()
             for r, i in enumerate(batch):
                 results[i] = (float(ll[r]), bool(greedy[r]))
+        bar.close()
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -390,7 +395,9 @@ def run_zeroshot(
             log.warning("zeroshot %s skipped: %s", name, e)
             continue
         docs_cache[name] = docs
+        scorer.progress = f"zeroshot {name}"
         metrics = score_task(scorer, spec, docs)
+        scorer.progress = None
         results[name] = {**metrics, "n": len(docs), **source}
         log.info(
             "zeroshot %-15s n=%-5d %s",
