@@ -108,7 +108,7 @@ def prepare(data_cfg, stop_after_shards: int | None = None) -> Path:
     """Build the shards of `data_cfg` (the `data` config node) into `data_cfg.dir`."""
     data_cfg = as_data_config(data_cfg)
     if data_cfg.name == "sample":
-        return ensure_prepared(data_cfg)
+        return ensure_prepared(data_cfg, hashes=True)
     tokenizer = tokenizer_from_cfg(data_cfg.tokenizer)
     texts, source = load_texts(data_cfg)
     write_shards(

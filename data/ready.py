@@ -14,12 +14,13 @@ from pelab.data.shards import MANIFEST, ShardError, verify_manifest
 from pelab.data.tokenizer import Tokenizer, tokenizer_from_cfg
 
 
-def ensure_prepared(data_cfg) -> Path:
-    """The shard directory of `data_cfg` (the `data` config node or a dict), checked (see the module doc)."""
+def ensure_prepared(data_cfg, hashes: bool = False) -> Path:
+    """The shard directory of `data_cfg` (the `data` config node or a dict), checked (see the module doc);
+    `hashes`: every shard's sha256 too (`data.prepare`; training checks sizes only)."""
     data_cfg = as_data_config(data_cfg)
     out_dir = Path(data_cfg.dir)
     try:
-        manifest = verify_manifest(out_dir, data_cfg.name)
+        manifest = verify_manifest(out_dir, data_cfg.name, hashes=hashes)
     except ShardError:
         if data_cfg.name != "sample":
             raise

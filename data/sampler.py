@@ -113,8 +113,8 @@ class ValWindows:
         if n_tokens < needed:
             raise ValueError(
                 f"{self.path}: val_tokens={val_tokens} with seq_len={seq_len} needs {needed} tokens in "
-                f"the val shard, which holds {n_tokens}. Lower data.val_tokens or prepare a larger "
-                "val shard."
+                f"the val shard, which holds {n_tokens}. Set data.val_tokens={(n_tokens - 1) // seq_len * seq_len} "
+                "(or less), or prepare a larger val shard."
             )
         self._tokens = None
 

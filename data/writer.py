@@ -20,7 +20,17 @@ from pathlib import Path
 
 import numpy as np
 from pelab.data.atomic import atomic_write_json
-from pelab.data.shards import MANIFEST, ShardError, load_manifest, shard_name, token_dtype, write_manifest, write_shard
+from pelab.data.shards import (
+    MANIFEST,
+    ShardError,
+    load_manifest,
+    read_header,
+    shard_name,
+    token_dtype,
+    verify_manifest,
+    write_manifest,
+    write_shard,
+)
 from pelab.data.tokenizer import Tokenizer
 from tqdm import tqdm
 
@@ -133,9 +143,14 @@ def write_shards(
                 return None
         packer.finish()
     if packer.next_shard < 2:
+        val_shard = out_dir / shard_name(prefix, 0)
+        total = read_header(val_shard)[1] if val_shard.is_file() else 0
+        _remove_shards(out_dir)  # nothing usable: a retry with other settings starts clean
+        suggest = max(1024, total // 20)
         raise ValueError(
-            f"{out_dir}: the data fills only the val shard ({settings['val_shard_tokens']} tokens), "
-            "so there is no train shard. Lower data.shard_tokens or use more documents."
+            f"{out_dir}: the input has {total:,} tokens, which fill only the val shard "
+            f"({settings['val_shard_tokens']:,} tokens), so there is no train shard; rerun with "
+            f"data.shard_tokens={suggest} (and train with data.val_tokens<={suggest // 2})"
         )
     manifest = write_manifest(
         out_dir, tokenizer, num_docs=packer.docs_done, source=settings["source"], settings=settings
@@ -148,7 +163,13 @@ def _start_or_resume(out_dir: Path, settings: dict) -> ResumeState | None:
     """Where to start: None if already complete, the saved resume point, or a clean start."""
     if (out_dir / MANIFEST).is_file():
         _check_same_settings(out_dir / MANIFEST, load_manifest(out_dir).get("settings"), settings)
-        print(f"{out_dir} is already prepared ({MANIFEST} present); nothing to do.")
+        try:
+            verify_manifest(out_dir, hashes=True)
+        except ShardError as e:  # shards depend on the packing of every earlier document: rebuild them all
+            print(f"{e.args[0].split(';')[0]}; rebuilding {out_dir} from its source.")
+            _remove_shards(out_dir)
+            return ResumeState()
+        print(f"{out_dir} is already prepared ({MANIFEST} present, every shard's sha256 verified); nothing to do.")
         return None
     for tmp in out_dir.glob(".*.tmp"):  # left by a killed atomic write
         tmp.unlink()
@@ -157,9 +178,14 @@ def _start_or_resume(out_dir: Path, settings: dict) -> ResumeState | None:
         _check_same_settings(out_dir / STATE, saved.pop("settings"), settings)
         print(f"Resuming {out_dir}: {saved['docs_done']} documents done, next shard {saved['next_shard']}.")
         return ResumeState(**saved)
-    for stale in [*out_dir.glob("*_val_*.bin"), *out_dir.glob("*_train_*.bin")]:  # an unfinished first shard
-        stale.unlink()
+    _remove_shards(out_dir)  # an unfinished first shard
     return ResumeState()
+
+
+def _remove_shards(out_dir: Path) -> None:
+    """Delete the manifest, the resume state and every shard (a clean start)."""
+    for stale in [out_dir / MANIFEST, out_dir / STATE, *out_dir.glob("*_val_*.bin"), *out_dir.glob("*_train_*.bin")]:
+        stale.unlink(missing_ok=True)
 
 
 def _check_same_settings(path: Path, saved: dict | None, settings: dict) -> None:
