@@ -287,9 +287,12 @@ def _plt():
     return plt
 
 
+# Twelve distinct colours, one per PE of the matrix (matplotlib's ten, black, dark blue).
+PALETTE = [f"C{i}" for i in range(10)] + ["black", "#00008b"]
+
+
 def _colors(runs: list[Run]) -> dict[str, str]:
-    palette = [f"C{i}" for i in range(10)]
-    return {r.label: palette[i % len(palette)] for i, r in enumerate(runs)}
+    return {r.label: PALETTE[i % len(PALETTE)] for i, r in enumerate(runs)}
 
 
 def _draw(
@@ -381,8 +384,11 @@ def plot_report(runs: list[Run], out_dir: Path) -> list[Path]:
         )
     for j in range(len(keys), nrows * ncols):
         axes[j // ncols, j % ncols].axis("off")
-    _legend(fig, axes[0, 0], runs)
-    fig.tight_layout()
+    # One legend for all panels, beside them (inside a panel it would cover its curves).
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(0.86, 0.5))
     made.append(_save(fig, out_dir / "max_logit_layers.png"))
     return made
 
