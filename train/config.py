@@ -120,13 +120,14 @@ def unknown_keys(node: Any, where: str = "") -> list[str]:
     if not isinstance(node, DictConfig):
         return []
     problems = []
+    keys = [k for k in node.keys() if where or k != "hydra"]  # a sweep cell's config also holds Hydra's own
     schema = OmegaConf.get_type(node)
     if dataclasses.is_dataclass(schema):
         known = [f.name for f in dataclasses.fields(schema)]
-        for key in node.keys():
+        for key in keys:
             if key not in known:
                 problems.append(f"'{key}' is not a key of {where or 'the config'}; valid keys: {', '.join(known)}")
-    for key in node.keys():
+    for key in keys:
         child = node._get_node(key)
         if isinstance(child, DictConfig):
             problems += unknown_keys(child, f"{where}.{key}" if where else str(key))

@@ -28,7 +28,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from pelab.train.checkpoints import AtomicCheckpointIO, is_sharded_checkpoint, replace_dir
+from pelab.train.checkpoints import (
+    AtomicCheckpointIO,
+    checksum_path,
+    is_sharded_checkpoint,
+    recorded_sha256,
+    replace_dir,
+    write_checksum,
+)
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 
@@ -74,6 +81,8 @@ def consolidate(src: str | Path, out: str | Path) -> dict:
     tmp = out.with_name(out.name + ".consolidating")
     AtomicCheckpointIO().save_checkpoint(checkpoint, tmp)
     replace_dir(tmp, out)  # also replaces a `last.ckpt` symlink or directory
+    write_checksum(out, recorded_sha256(tmp))
+    checksum_path(tmp).unlink()
     n = sum(t.numel() for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor))
     return {
         "src": str(src),

@@ -78,6 +78,8 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
 def _train(cfg: DictConfig, run_dir: Path, sizes: dict, ckpt: Path | None) -> dict:
     try:
         model_cfg = model_config(cfg)
+    except ConfigError:
+        raise
     except ValueError as e:  # GPTConfig's own checks (head sizes, ...): a config problem
         raise ConfigError(f"model: {e}") from None
     if ckpt is not None:

@@ -149,7 +149,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
                 f"{run_dir} holds a run with different {', '.join(diff)}; continue it with the same "
                 f"settings, or choose another run_name=..."
             )
-    remove_orphan_temp_files(ckpt_dir)  # the caller holds the run lock: no writer owns them
+    if _is_rank_zero():
+        remove_orphan_temp_files(ckpt_dir)  # rank 0 holds the run lock: no writer owns them
     chosen, problems = newest_intact(ckpt_dir)
     if chosen is None:
         raise ConfigError(

@@ -23,7 +23,8 @@ from __future__ import annotations
 import sys
 
 import torch
-from pelab.train.eval.checkpoint import load
+from pelab.train.checkpoints import verify
+from pelab.train.eval.checkpoint import CheckpointError, load, resolve_checkpoint
 from pelab.train.eval.zeroshot import GPTModel, Scorer
 
 _CLASS = None
@@ -145,7 +146,25 @@ def main(argv: list[str] | None = None) -> None:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        _check_checkpoint_arg(sys.argv[1:])  # before lm_eval loads its tasks
+        cli_evaluate()
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _check_checkpoint_arg(args: list[str]) -> None:
+    """The checkpoint of `--model_args checkpoint=...,...` exists and is intact (CheckpointError if not)."""
+    for flag, value in zip(args, args[1:]):
+        if flag == "--model_args":
+            for item in value.split(","):
+                key, _, path = item.partition("=")
+                if key.strip() == "checkpoint":
+                    ckpt = resolve_checkpoint(path.strip())
+                    problem = verify(ckpt)
+                    if problem:
+                        raise CheckpointError(f"checkpoint {ckpt} is {problem}; pass another checkpoint=...")
 
 
 try:  # `import train.eval.lm_eval_adapter` registers the model when lm_eval is installed
