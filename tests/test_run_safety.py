@@ -428,3 +428,19 @@ def test_lm_eval_with_a_missing_checkpoint_is_one_line(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"checkpoint {tmp_path / 'nope'} not found" in r.stderr
+
+
+def test_a_checkpoint_that_fails_verification_neither_replaces_last_nor_prunes(tmp_path, monkeypatch):
+    class Trainer:
+        global_rank = 0
+        strategy = type("S", (), {"barrier": lambda self: None})()
+
+        def save_checkpoint(self, path):
+            AtomicCheckpointIO().save_checkpoint({"step": path.name}, path)
+
+    ckpts = ckpt_io.PeriodicCheckpoint(tmp_path, every=1, keep=1)
+    ckpts.save(Trainer(), 1)
+    last = (tmp_path / "last.ckpt").read_bytes()
+    monkeypatch.setattr(ckpt_io, "verify", lambda path: "checksum mismatch (read back)")
+    ckpts.save(Trainer(), 2)
+    assert (tmp_path / "step-00000001.ckpt").exists() and (tmp_path / "last.ckpt").read_bytes() == last

@@ -240,4 +240,7 @@ def model_config(cfg: DictConfig, *, vocab_size: int | None = None) -> GPTConfig
         d["attention_backend"] = backend
     if d.get("document_mask") and d.get("eot_id") is None:  # documents begin with the tokenizer's eot
         d["eot_id"] = tokenizer_from_cfg(cfg.data.tokenizer).eot_id
-    return GPTConfig.from_dict(d)
+    try:
+        return GPTConfig.from_dict(d)
+    except ValueError as e:  # GPTConfig's own checks (head sizes, ...)
+        raise ConfigError(f"model: {e}") from None

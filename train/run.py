@@ -76,12 +76,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
 
 
 def _train(cfg: DictConfig, run_dir: Path, sizes: dict, ckpt: Path | None) -> dict:
-    try:
-        model_cfg = model_config(cfg)
-    except ConfigError:
-        raise
-    except ValueError as e:  # GPTConfig's own checks (head sizes, ...): a config problem
-        raise ConfigError(f"model: {e}") from None
+    model_cfg = model_config(cfg)
     if ckpt is not None:
         mismatch = checkpoint_model_mismatch(ckpt, model_cfg)
         if mismatch:

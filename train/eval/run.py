@@ -135,6 +135,6 @@ def eval_job(cfg: DictConfig) -> None:
     """The Hydra task of `python -m train.eval`: a bad request is one logged line and exit status 2."""
     try:
         run_eval(cfg)
-    except (EvalError, CheckpointError, HubUnreachable) as err:
+    except (EvalError, CheckpointError, ConfigError, HubUnreachable) as err:
         log.error("%s", err)
         raise SystemExit(2) from None
