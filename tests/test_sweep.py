@@ -270,7 +270,7 @@ def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, data_root):
         "-m",
         "experiment=tiny",
         "trainer.max_steps=3",
-        "optim.schedule=bogus,cosine,wsd",
+        "model.init=bogus,grape,normal",  # passes the pre-sweep checks, fails building the model
         f"paths.runs={tmp_path}",
         f"paths.data={data_root}",
     )
@@ -279,11 +279,11 @@ def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, data_root):
     (sweep_dir,) = tmp_path.glob("multirun/*")
     summary = json.loads((sweep_dir / "summary.json").read_text())
     rows = {row["cell"]: row for row in summary["rows"]}
-    assert list(rows) == ["optim.schedule=bogus", "optim.schedule=cosine", "optim.schedule=wsd"]
+    assert list(rows) == ["model.init=bogus", "model.init=grape", "model.init=normal"]
     assert summary["counts"] == {"failed": 1, "ok": 2}
-    bad = rows["optim.schedule=bogus"]
-    assert bad["status"] == "failed" and "unknown optim.schedule 'bogus'" in bad["error"]
-    for name in ("optim.schedule=cosine", "optim.schedule=wsd"):
+    bad = rows["model.init=bogus"]
+    assert bad["status"] == "failed" and "model.init must be 'grape' or 'normal', got 'bogus'" in bad["error"]
+    for name in ("model.init=grape", "model.init=normal"):
         row = rows[name]
         assert row["status"] == "ok" and row["steps"] == 3 and row["error"] is None
         assert math.isfinite(row["val_loss"]) and row["tokens_per_s"] > 0
