@@ -444,3 +444,9 @@ def test_a_checkpoint_that_fails_verification_neither_replaces_last_nor_prunes(t
     monkeypatch.setattr(ckpt_io, "verify", lambda path: "checksum mismatch (read back)")
     ckpts.save(Trainer(), 2)
     assert (tmp_path / "step-00000001.ckpt").exists() and (tmp_path / "last.ckpt").read_bytes() == last
+
+
+def test_a_checkpoint_of_another_model_without_config_yaml_is_one_line(data_root, copy_of):
+    (copy_of / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"holds another model: n_layer=4 \(configured 2\)"):
+        run(_cfg(data_root, "model.n_layer=2"), copy_of)

@@ -64,6 +64,10 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
     sizes = plan(cfg)
     with run_lock(run_dir):
         ckpt = resume_checkpoint(cfg, run_dir)
+        model_cfg = model_config(cfg)
+        mismatch = checkpoint_model_mismatch(ckpt, model_cfg) if ckpt is not None else None
+        if mismatch:
+            raise ConfigError(mismatch)
         done = finished_summary(cfg, run_dir, ckpt)
         if done is not None:
             log.info(
@@ -72,15 +76,10 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> dict:
                 done["steps"],
             )
             return done
-        return _train(cfg, run_dir, sizes, ckpt)
+        return _train(cfg, run_dir, sizes, ckpt, model_cfg)
 
 
-def _train(cfg: DictConfig, run_dir: Path, sizes: dict, ckpt: Path | None) -> dict:
-    model_cfg = model_config(cfg)
-    if ckpt is not None:
-        mismatch = checkpoint_model_mismatch(ckpt, model_cfg)
-        if mismatch:
-            raise ConfigError(mismatch)
+def _train(cfg: DictConfig, run_dir: Path, sizes: dict, ckpt: Path | None, model_cfg) -> dict:
     has_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     precision = _resolve_auto(cfg.trainer.precision, "bf16-mixed", "32-true", has_gpu)
     compile_model = bool(_resolve_auto(cfg.trainer.compile, True, False, has_gpu))
