@@ -11,7 +11,11 @@ sampler (`data.sampler.TrainWindows`) over a synthetic uint16 shard through a Da
 does. Per cell: warm-up steps (compilation), timed steps (median), one step with CUDA sync debugging
 (counts host syncs), one profiled step (attention-kernel share, top kernels). Also timed separately: one
 layer's attention call (fwd+bwd, x n_layer) and the fused cross-entropy (fwd+bwd) at the cell's shapes.
-Requires no Hydra: model/PE configs are read from conf/ with PyYAML.
+Model, PE and optimizer configs come from the Hydra compose helper (`pelab.train.config.compose`), as
+`python -m train model=<m> pe=<p>` would compose them; `--pes all` (the default) is every registered PE.
+`--backends auto,fa4,...` adds, per PE, a cell for each listed backend that can run its training step
+and differs from `auto`'s choice. `bench/results/latest.json` gets one object per cell (pe, backend,
+tokens_per_s, x_rope against the same call's RoPE `auto` row, peak_gib, date, gpu).
 
 Tokens/s = tokens per optimizer step / median step interval (CUDA events between consecutive step
 starts, so the optimizer, Lightning and data loading are all inside). MFU uses flops_per_token from
@@ -48,34 +52,60 @@ ATTN_PATTERNS = [  # (label, regex over CUDA kernel names)
 ]
 
 
-# ---- config without Hydra --------------------------------------------------------------------------
+# ---- config through the Hydra compose helper (what `python -m train model=<m> pe=<p>` composes) -----------
 
 
-def _yaml(path: Path) -> dict:
-    import yaml
+def _composed(model: str, pe: str):
+    from pelab.train.config import compose
 
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
-    bad = [k for k, v in d.items() if isinstance(v, str) and "${" in v]
-    if bad:
-        raise SystemExit(f"{path}: interpolations in {bad} are not supported by the benchmark (no Hydra here)")
-    return d
+    return compose([f"model={model}", f"pe={pe}"])
 
 
 def model_config(model: str, pe: str, backend: str, seq_len: int, vocab: int = 50257):
     from pelab.models.config import GPTConfig
+    from pelab.train.config import to_dict
 
-    m = _yaml(ROOT / "conf" / "model" / f"{model}.yaml")
-    m = {k: v for k, v in m.items() if k in GPTConfig.__dataclass_fields__}
+    cfg = _composed(model, pe)
+    m = to_dict(cfg.model)
     m["vocab_size"] = m.get("vocab_size") or vocab
     m["max_seq_len"] = max(int(m.get("max_seq_len") or seq_len), seq_len)
-    m["pe"] = _yaml(ROOT / "conf" / "pe" / f"{pe}.yaml")
+    m["pe"] = to_dict(cfg.pe)
     m["attention_backend"] = backend
     return GPTConfig.from_dict(m)
 
 
 def optim_config() -> dict:
-    return _yaml(ROOT / "conf" / "optim" / "adamw.yaml")
+    from pelab.train.config import to_dict
+
+    return to_dict(_composed("gpt_tiny", "rope").optim)
+
+
+def all_pes() -> list[str]:
+    from pelab.models.pe import available
+
+    return available()
+
+
+def applicable_backends(model: str, pe: str, backends: list[str], seq_len: int) -> dict[str, str]:
+    """{backend: kernel it runs} for the backends that can run this cell's training-step attention
+    (`auto` included, resolved to its kernel), from one layer built on the GPU."""
+    import torch
+    from pelab.models.attention import CausalSelfAttention
+    from pelab.models.kernels import select_kernel
+
+    cfg = model_config(model, pe, "auto", seq_len)
+    attn = CausalSelfAttention(cfg, 0).cuda()
+    x = torch.randn(1, seq_len, cfg.d_model, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        q, k, v, bias = attn.project(x, torch.arange(seq_len, device="cuda"))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = {}
+    for name in backends:
+        try:
+            out[name] = select_kernel(q, k, v, bias, name).name
+        except (ValueError, RuntimeError):
+            pass
+    return out
 
 
 # ---- data: the framework's sampler over a synthetic shard --------------------------------------------
@@ -473,11 +503,17 @@ def micro(args) -> list[dict]:
         return row
 
     base = bench("causal", "cudnn", B)
+    backends = args.micro_backends.split(",")
+    if "fa4" in backends:
+        bench("causal", "fa4", B)
     kinds = args.micro_kinds.split(",")
     for kind in kinds:
-        bench(kind, "triton", B)
-        if kind != "grape_ap" and args.micro_flex:
-            bench(kind, "flex", B)
+        for backend in backends:
+            if backend == "flex" and kind == "grape_ap":
+                continue
+            if backend == "fa4" and kind in ("grape_a_k", "grape_a_qk", "grape_ap"):
+                continue  # fa4 does not take their key-side gradients (models/kernels/fa4.py)
+            bench(kind, backend, B)
         if args.micro_dense and kind in ("alibi", "grape_a_qk", "grape_ap"):
             bench(kind, "sdpa_dense_bias", 1, "timed at B=1, scaled to B")
     # launch-config sweep of the triton kernels (one kernel's config varied at a time)
@@ -694,7 +730,13 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gpt_355m")
-    ap.add_argument("--pes", default="rope,nope")
+    ap.add_argument("--pes", default="all", help="comma list, pe@backend[:mb] for one forced cell, or all (registry)")
+    ap.add_argument(
+        "--backends",
+        default="auto",
+        help="per PE, a cell for each of these backends that runs its training step (beside auto's choice)",
+    )
+    ap.add_argument("--latest", default="bench/results/latest.json", help="one JSON object per cell ('' to skip)")
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=20)
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -715,7 +757,7 @@ def main(argv=None) -> None:
     ap.add_argument("--micro", action="store_true", help="attention-kernel micro-benchmark instead of training cells")
     ap.add_argument("--micro-kinds", default="alibi,fox,grape_a_q,grape_a_k,grape_a_qk,grape_ap")
     ap.add_argument("--micro-dense", action="store_true")
-    ap.add_argument("--micro-flex", type=int, default=1, help="with --micro: also time flex (0/1)")
+    ap.add_argument("--micro-backends", default="triton,flex,fa4", help="with --micro: backends per bias kind")
     ap.add_argument("--micro-log", default="", help="with --micro: append each row to this JSON-lines file")
     ap.add_argument("--micro-ce", action="store_true", help="time the fused LM-head cross-entropy variants")
     ap.add_argument(
@@ -770,12 +812,19 @@ def main(argv=None) -> None:
     rows = json.loads(Path(args.previous).read_text()) if args.previous else []
     done = {(r["model"], r["pe"], r["backend"], r["micro_batch"]) for r in rows if "tokens_per_s" in r}
     # "pe@backend" forces a backend for one cell, "pe@backend:mb" also its micro-batch
+    pes = ",".join(all_pes()) if args.pes == "all" else args.pes
+    extra = [b for b in args.backends.split(",") if b and b != "auto"]
     cells = []
     for m in args.models.split(","):
-        for p in filter(None, args.pes.split(",")):
+        for p in filter(None, pes.split(",")):
             pe, _, rest = p.partition("@")
             backend, _, mb = rest.partition(":")
             cells.append((m, pe, backend or args.backend, int(mb or args.micro_batch)))
+            if extra and not backend:
+                runs = applicable_backends(m, pe, ["auto", *extra], args.seq_len)
+                for b in extra:  # a second cell only where the backend is not already auto's kernel
+                    if b in runs and runs[b] != runs.get("auto"):
+                        cells.append((m, pe, b, args.micro_batch))
     for item in filter(None, args.dense_ref.split(",")):
         pe, _, mb = item.partition(":")
         cells.append((args.models.split(",")[0], pe, "sdpa_dense_bias", int(mb or args.micro_batch)))
@@ -845,6 +894,46 @@ def main(argv=None) -> None:
         print(json.dumps(brief, default=str), flush=True)
     print()
     print(table(rows))
+    if args.latest:
+        write_latest(rows, Path(args.latest))
+
+
+def write_latest(rows: list[dict], path: Path) -> None:
+    """One object per measured cell: pe, backend (the kernel that ran), tokens/s, x RoPE, peak GiB."""
+    import datetime
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    date = datetime.date.today().isoformat()
+    ref = {
+        (r["model"], r["seq_len"]): r["tokens_per_s"]
+        for r in rows
+        if r.get("pe") == "rope" and r.get("backend") == "auto" and "tokens_per_s" in r
+    }
+    out = []
+    for r in rows:
+        if "tokens_per_s" not in r:
+            continue
+        base = ref.get((r["model"], r["seq_len"]))
+        kernels = sorted(set(r.get("kernels_used", {}).values()))
+        out.append(
+            {
+                "model": r["model"],
+                "pe": r["pe"],
+                "backend": r["backend"] if r["backend"] != "auto" else f"auto ({','.join(kernels)})",
+                "micro_batch": r["micro_batch"],
+                "seq_len": r["seq_len"],
+                "tokens_per_s": round(r["tokens_per_s"], 1),
+                "x_rope": None if base is None else round(r["tokens_per_s"] / base, 4),
+                "peak_gib": None if r.get("peak_alloc_gib") is None else round(r["peak_alloc_gib"], 2),
+                "attn_share": r.get("attn_share"),
+                "date": date,
+                "gpu": gpu,
+            }
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

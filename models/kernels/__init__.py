@@ -1,8 +1,9 @@
 """One entry point for causal attention: `attend(q, k, v, bias, backend=...)`.
 
 Kernels register here with a `supports` predicate and a priority; `backend="auto"` runs the
-highest-priority kernel that supports the inputs (device, dtype, bias type, grad needs), and an
-explicit name runs that kernel or fails with the list of kernels that would work. Kernels know
+highest-priority kernel that supports the inputs (device, dtype, bias type, grad needs) and, where it
+registered an `auto` predicate, is measured fastest for them; an explicit name runs that kernel or
+fails with the list of kernels that would work. Kernels know
 bias *types* (`LowRankBias`, `PathSumBias`), never positional-encoding names. The first use of
 each (kernel, input kind) is logged, and `kernels_used()` reports them for benchmarks.
 
@@ -38,6 +39,7 @@ class Kernel:
     supports: SupportsFn
     run: KernelFn
     doc_supports: SupportsFn | None = None  # None: cannot mask documents
+    auto: SupportsFn | None = None  # None: `auto` may pick it wherever it runs
 
     def can_run(self, q, k, v, bias, docs: bool) -> bool:
         if docs:
@@ -49,8 +51,8 @@ _KERNELS: dict[str, Kernel] = {}
 _USED: dict[tuple[str, str], str] = {}
 
 
-def register_kernel(name: str, priority: int, supports, run, doc_supports=None) -> None:
-    _KERNELS[name] = Kernel(name, priority, supports, run, doc_supports)
+def register_kernel(name: str, priority: int, supports, run, doc_supports=None, auto=None) -> None:
+    _KERNELS[name] = Kernel(name, priority, supports, run, doc_supports, auto)
 
 
 def kernel_names() -> list[str]:
@@ -89,7 +91,7 @@ def select_kernel(
             )
         return kernel
     for kernel in sorted(_KERNELS.values(), key=lambda x: -x.priority):
-        if kernel.can_run(q, k, v, bias, docs):
+        if kernel.can_run(q, k, v, bias, docs) and (kernel.auto is None or kernel.auto(q, k, v, bias)):
             return kernel
     raise RuntimeError(f"no attention kernel supports {_kind(q, bias, docs)}")
 
@@ -190,9 +192,15 @@ def _register_builtin() -> None:
     # asked for; "flex_const" is the same kernel, preferred automatically for biases without gradients
     # (ALiBi), where it measured faster than the triton kernel (bench/NOTES.md).
     register_kernel("flex", 52, flex.supports, flex.run, doc_supports=flex.supports_docs)
-    register_kernel("flex_const", 56, flex.supports_constant, flex.run, doc_supports=flex.supports_constant)
+    register_kernel("flex_const", 56, flex.supports_constant, flex.run, doc_supports=flex.supports_constant_docs)
+    # FlashAttention-4 (extra [flash]): plain causal, constant biases and the low-rank biases whose factor
+    # gradients it computes exactly (models/kernels/fa4.py); `auto` takes it where the H200 measured it
+    # fastest (fa4.AUTO: plain causal and constant biases).
+    from pelab.models.kernels import fa4
+
+    register_kernel("fa4", 75, fa4.supports, fa4.run, auto=fa4.auto_preferred)
     try:
-        from pelab.models.kernels import flash_attn_kernel  # noqa: F401  (optional extra [flash])
+        from pelab.models.kernels import flash_attn_kernel  # noqa: F401  (FlashAttention-2, if installed)
     except ImportError:
         pass
 
