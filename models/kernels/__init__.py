@@ -2,10 +2,10 @@
 
 Kernels register here with a `supports` predicate and a priority; `backend="auto"` runs the
 highest-priority kernel that supports the inputs (device, dtype, bias type, grad needs) and, where it
-registered an `auto` predicate, is measured fastest for them; an explicit name runs that kernel or
-fails with the list of kernels that would work. Kernels know
-bias *types* (`LowRankBias`, `PathSumBias`), never positional-encoding names. The first use of
-each (kernel, input kind) is logged, and `kernels_used()` reports them for benchmarks.
+registered an `auto` predicate, was measured fastest for them; an explicit name runs that kernel or
+fails with the list of kernels that would work. Kernels know bias *types* (`LowRankBias`,
+`PathSumBias`), never positional-encoding names. The first use of each (kernel, input kind) is
+logged, and `kernels_used()` reports them for benchmarks.
 
 Document masking (`attend(..., doc_ids=...)`, see `models.kernels.documents`) is a separate
 capability: a kernel registered with a `doc_supports` predicate takes `run(..., doc_ids=ids)`; the

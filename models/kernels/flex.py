@@ -233,8 +233,9 @@ def _runs(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
 def supports_docs(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
     """With document ids: also plain causal attention (which cuDNN / FlashAttention cannot mask), but
     only outside torch.compile. Inside a compiled step the document-masked FlexAttention call hit an
-    illegal memory access on the H200 (torch 2.11; training and no-grad evaluation, with either
-    BlockMask construction; bench/RESULTS.md), so there `auto` takes the triton kernel."""
+    illegal memory access on the H200 (torch 2.11: no-grad evaluation with create_block_mask and with
+    `_document_block_mask`, training with the latter; bench/RESULTS.md), so there `auto` takes the
+    triton kernel."""
     return not torch.compiler.is_compiling() and _runs(q, k, v, bias)
 
 
