@@ -8,7 +8,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 from pelab.models.config import GPTConfig
-from pelab.train.config import CONF_DIR, compose, config_error_message, model_config
+from pelab.train.config import CONF_DIR, ConfigError, compose, config_error_message, model_config
 
 from tests.conftest import REPO
 
@@ -36,6 +36,12 @@ def test_defaults_are_the_cpu_default_job():
 
 def test_kv_shift_reaches_the_model():
     assert model_config(compose(["kv_shift=true"])).kv_shift is True
+
+
+def test_attention_backend_is_checked_against_the_kernel_registry():
+    assert model_config(compose(["trainer.attention_backend=fa4"])).attention_backend == "fa4"
+    with pytest.raises(ConfigError, match=r"trainer.attention_backend: unknown attention backend 'fa5'; .*'fa4'"):
+        model_config(compose(["trainer.attention_backend=fa5"]))
 
 
 def test_sweep_cell_dirnames_fit_the_file_system():

@@ -40,6 +40,7 @@ class Kernel:
     run: KernelFn
     doc_supports: SupportsFn | None = None  # None: cannot mask documents
     auto: SupportsFn | None = None  # None: `auto` may pick it wherever it runs
+    missing: Callable[[], str | None] | None = None  # why it cannot run on this machine (an extra not installed)
 
     def can_run(self, q, k, v, bias, docs: bool) -> bool:
         if docs:
@@ -51,12 +52,18 @@ _KERNELS: dict[str, Kernel] = {}
 _USED: dict[tuple[str, str], str] = {}
 
 
-def register_kernel(name: str, priority: int, supports, run, doc_supports=None, auto=None) -> None:
-    _KERNELS[name] = Kernel(name, priority, supports, run, doc_supports, auto)
+def register_kernel(name: str, priority: int, supports, run, doc_supports=None, auto=None, missing=None) -> None:
+    _KERNELS[name] = Kernel(name, priority, supports, run, doc_supports, auto, missing)
 
 
 def kernel_names() -> list[str]:
     return sorted(_KERNELS)
+
+
+def check_backend(backend: str) -> None:
+    """ValueError unless `backend` is `auto` or a registered kernel (what `trainer.attention_backend` takes)."""
+    if backend != "auto" and backend not in _KERNELS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose auto or one of {kernel_names()}")
 
 
 def kernels_used() -> dict[str, str]:
@@ -75,8 +82,7 @@ def select_kernel(
 ) -> Kernel:
     """The kernel for these inputs; docs=True: the call carries document ids."""
     if backend != "auto":
-        if backend not in _KERNELS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose auto or one of {kernel_names()}")
+        check_backend(backend)
         kernel = _KERNELS[backend]
         if not kernel.can_run(q, k, v, bias, docs):
             ok = sorted(n.name for n in _KERNELS.values() if n.can_run(q, k, v, bias, docs))
@@ -85,6 +91,9 @@ def select_kernel(
                     f"attention backend {backend!r} cannot apply document masking (doc_ids) to "
                     f"{_kind(q, bias)} inputs; backends that can: {ok}"
                 )
+            why = kernel.missing() if kernel.missing else None
+            if why:
+                raise ValueError(f"attention backend {backend!r} cannot run here: {why}; backends that can: {ok}")
             raise ValueError(
                 f"attention backend {backend!r} cannot run {_kind(q, bias, docs)} inputs "
                 f"(head_dim {q.shape[-1]}); backends that can: {ok}"
@@ -200,7 +209,7 @@ def _register_builtin() -> None:
     # fastest (fa4.AUTO: plain causal and constant biases).
     from pelab.models.kernels import fa4
 
-    register_kernel("fa4", 75, fa4.supports, fa4.run, auto=fa4.auto_preferred)
+    register_kernel("fa4", 75, fa4.supports, fa4.run, auto=fa4.auto_preferred, missing=fa4.missing)
     try:
         from pelab.models.kernels import flash_attn_kernel  # noqa: F401  (FlashAttention-2, if installed)
     except ImportError:
@@ -224,6 +233,7 @@ __all__ = [
     "LowRankBias",
     "PathSumBias",
     "attend",
+    "check_backend",
     "doc_ids_from_cu_seqlens",
     "doc_ids_from_tokens",
     "kernel_names",

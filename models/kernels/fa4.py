@@ -54,6 +54,15 @@ def available() -> bool:
     return True
 
 
+def missing() -> str | None:
+    """Why fa4 cannot run on this machine, or None."""
+    if not available():
+        return "flash-attn-4 is not installed (pip install pelab[flash]; Hopper or Blackwell GPUs)"
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
+        return "FlashAttention-4 needs a Hopper (sm_90) or Blackwell (sm_100) GPU"
+    return None
+
+
 def _interface():
     from flash_attn.cute import interface
 
