@@ -31,14 +31,14 @@ test: $(STAMP)  ## lint (ruff) and run the test suite (CPU)
 	$(BIN)/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
-test-gpu: $(STAMP)  ## GPU suite on one CUDA GPU: every attention path through the model, train and eval entry points
-	$(PY) -m pytest -q -m gpu tests/ $(ARGS)
+test-gpu: $(STAMP)  ## GPU suite on one CUDA GPU: every attention path through the model, train and eval entry points; table in bench/out/test_gpu
+	PY=$(PY) bench/gpu_check.sh 1 bench/out/test_gpu $(ARGS)
 
 test-slurm: $(STAMP)  ## real-Slurm tests; starts (and stops) a one-node cluster from Debian's Slurm if none is reachable
 	PELAB_SLURM_START=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py $(ARGS)
 
 bench: $(STAMP)  ## GPU throughput: real training steps per (PE, backend) cell, every registered PE (ARGS to override)
-	$(PY) -m bench.bench --models gpt_355m --seq-len 4096 --micro-batch 20 --backends auto,fa4,cudnn,triton,flex_const --dense-ref alibi:20,grape_a_qk:4,grape_ap:1 $(ARGS)
+	$(PY) -m bench.bench --models gpt_355m --seq-len 4096 --micro-batch 20 --backends auto,fa4,cudnn,triton,flex_const --docs rope,alibi,fox,grape_a_q,grape_ap --dense-ref alibi:20,grape_a_qk:4,grape_ap:1 $(ARGS)
 
 sweep: $(STAMP)  ## the PE matrix as a Hydra multirun (ARGS="experiment=grape_medium hydra/launcher=slurm ...")
 	$(PY) -m train -m +sweep=pe_matrix $(ARGS)
