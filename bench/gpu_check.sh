@@ -17,12 +17,15 @@
 #      with its document-masked cell where the kernel masks documents, and the RoPE row. OUT/bench.json,
 #      OUT/latest.json (x_rope against this call's RoPE row, x_no_docs against the same cell).
 #   4  Second half (its own RoPE row): GRAPE-A-K/QK, GRAPE-AP (with documents), RoPE++, GRAPE-M.
-#      DENSE_REF=alibi:20,grape_a_qk:4,grape_ap:1 adds the official dense-bias cells.
+#      DENSE_REF=alibi:20,grape_a_qk:4,grape_ap:1 adds the official dense-bias cells; PES=... replaces
+#      the cell list of part 3 or 4 (bench.bench --pes syntax: pe, pe@backend, pe+docs).
+#      Each cell is its own process (compile ~15-20 s of its ~35 s at 2 warm-up + 3 timed steps).
 #      `python -m bench.gpu_report merge OUT3/latest.json OUT4/latest.json > bench/results/latest.json`
 #      joins the halves (each keeps its own RoPE yardstick). `make bench` runs the whole row in one go.
 #
-# PY (default python3) runs everything; Triton/Inductor caches and the 355M runs' checkpoints go to
-# GPU_CACHE (default bench/out/gpu_cache), kept between parts on the same machine, never to OUT.
+# PY (default python3) runs everything; the Triton, Inductor and FlashAttention-4 compile caches and the
+# 355M runs' checkpoints go to GPU_CACHE (default bench/out/gpu_cache), kept between parts on the same
+# machine (later parts start warm), never to OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:?usage: bench/gpu_check.sh PART OUT [pytest args]}
@@ -32,6 +35,9 @@ PY=${PY:-python3}
 CACHE=$(realpath -m "${GPU_CACHE:-bench/out/gpu_cache}")
 mkdir -p "$OUT" "$CACHE"
 export TRITON_CACHE_DIR=$CACHE/triton TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor WANDB_MODE=offline PYTHONUNBUFFERED=1
+# FlashAttention-4's on-disk cache of compiled kernels (each process would otherwise JIT them again)
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=${FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED:-1}
+export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=$CACHE/fa4
 BENCH=(--models gpt_355m --seq-len 4096 --micro-batch 20 --backends auto --warmup 2 --steps 3 --no-isolated
   --cell-timeout 150 --out "$OUT/bench.json" --latest "$OUT/latest.json")
 
@@ -88,11 +94,11 @@ case $PART in
   ;;
 3)
   $PY -m bench.bench "${BENCH[@]}" \
-    --pes rope,rope@cudnn,rope+docs,nope,alibi,alibi@flex_const,alibi+docs,fox,fox@fa4,fox+docs,grape_a_q,grape_a_q@fa4
+    --pes "${PES:-rope,rope@cudnn,rope+docs,nope,alibi,alibi@flex_const,alibi+docs,fox,fox@fa4,fox+docs,grape_a_q,grape_a_q@fa4}"
   ;;
 4)
   $PY -m bench.bench "${BENCH[@]}" --dense-ref "${DENSE_REF:-}" \
-    --pes rope,grape_a_k,grape_a_qk,grape_ap,grape_ap+docs,ropepp_eh,ropepp_ec,grape_m,grape_m_ctx
+    --pes "${PES:-rope,grape_a_k,grape_a_qk,grape_ap,grape_ap+docs,ropepp_eh,ropepp_ec,grape_m,grape_m_ctx}"
   ;;
 *)
   echo "unknown part $PART (1, 2, 3 or 4)" >&2
