@@ -46,7 +46,14 @@ class PositionalEncoding(nn.Module):
 
     # Apply `transform_qk` before the QK-RMSNorm (the GRAPE code's order for rotary PEs).
     before_qk_norm: bool = False
+    # Factor on the attention logits q.k / sqrt(D), applied by the attention layer so that it survives the
+    # QK-RMSNorm (YaRN's attention temperature; 1.0 otherwise).
+    logit_scale: float = 1.0
     # Parameters the PE owns are initialised by the PE itself, never by the backbone's init.
+    # `init: grape` (build_pe): draw them as the GRAPE code's global init does (models.pe.common.grape_init).
+    init: str = "native"
+    # Context extension: the config keys this PE takes for it (pe.base, pe.scaling, ...); empty: cannot extend.
+    context_keys: tuple[str, ...] = ()
 
     def __init__(self, shape: AttentionShape):
         super().__init__()
@@ -69,6 +76,12 @@ class PositionalEncoding(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise the PE's own parameters (called by the backbone's init)."""
+
+    def extend_context(self, trained: dict) -> str | None:
+        """Called after loading weights trained with the PE config `trained` into this PE, which was built
+        with the (possibly extended) config it runs with now: adapt learned state to it. A note on what
+        changed, or None."""
+        return None
 
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:
