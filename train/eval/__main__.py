@@ -1,11 +1,12 @@
-"""`python -m train.eval checkpoint=<run dir or .ckpt> suite=<zeroshot|ppl_vs_length|retrieval|all> [overrides]`.
+"""`python -m train.eval checkpoint=<run dir or .ckpt> suite=<zeroshot|ppl_vs_length|retrieval|babilong|all> [...]`.
 
 Writes, next to the checkpoint (its run directory) or to `eval.out_dir`:
   eval.json                 every suite evaluated so far for this checkpoint (a later run of another
                             suite is merged in; a newer checkpoint replaces the file);
   eval.md                   the same as tables;
   eval_ppl_vs_length.png    perplexity vs length and per-position loss (suite ppl_vs_length);
-  eval_retrieval.png        accuracy heat maps, depth x length (suite retrieval).
+  eval_retrieval.png        accuracy heat maps, depth x length (suite retrieval);
+  eval_babilong.png         exact-match heat map, task x length (suite babilong).
 With PE overrides (context extension, e.g. `pe.base=500000`) the files are named eval-<tag>.* so
 they sit beside the unmodified model's results. The numbers are deterministic: evaluating twice
 gives the same file.
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("pelab.eval")
 
-SUITES = ("zeroshot", "ppl_vs_length", "retrieval")
+SUITES = ("zeroshot", "ppl_vs_length", "retrieval", "babilong")
 
 
 class EvalError(ValueError):
@@ -111,6 +112,10 @@ def run_suites(
             res["max_tokens"] = max_tokens
             if out_dir is not None:
                 res["plot"] = plot_ppl(res, out_dir / f"{stem}_ppl_vs_length.png", title).name
+        elif suite == "babilong":
+            from pelab.train.eval.babilong import run_suite
+
+            res = run_suite(lm, tokenizer, train_cfg, train_len, cfg, out_dir, stem, title, limit)
         else:
             from pelab.train.eval.ppl import heldout_tokens
             from pelab.train.eval.retrieval import plot_retrieval, run_retrieval
@@ -162,6 +167,10 @@ def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
         for task, r in rt["tasks"].items():
             if r.get("mean") is not None:
                 out[f"{prefix}/retrieval/{task}"] = float(r["mean"])
+    if results.get("babilong"):
+        from pelab.train.eval.babilong import metrics
+
+        out.update(metrics(results["babilong"], prefix))
     return out
 
 
@@ -248,6 +257,10 @@ def render_markdown(doc: dict) -> str:
         if r.get("plot"):
             lines += ["", f"![retrieval]({r['plot']})"]
         lines.append("")
+    if "babilong" in s:
+        from pelab.train.eval.babilong import markdown
+
+        lines += markdown(s["babilong"], _fmt)
     return "\n".join(lines) + "\n"
 
 
