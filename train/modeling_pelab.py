@@ -23,8 +23,6 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-ROTARY = ("rope", "ropepp_eh", "ropepp_ec", "grape_m", "grape_m_ctx")
-
 
 class PelabConfig(PretrainedConfig):
     model_type = "pelab"

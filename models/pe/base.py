@@ -50,7 +50,7 @@ class PositionalEncoding(nn.Module):
     # QK-RMSNorm (YaRN's attention temperature; 1.0 otherwise).
     logit_scale: float = 1.0
     # Parameters the PE owns are initialised by the PE itself, never by the backbone's init.
-    # `init: grape` (build_pe): draw them as the GRAPE code's global init does (models.pe.common.grape_init).
+    # `init: grape` (build_pe): draw them as the GRAPE code's global init does (models.pe.common.grape_global_init_).
     init: str = "native"
     # Context extension: the config keys this PE takes for it (pe.base, pe.scaling, ...); empty: cannot extend.
     context_keys: tuple[str, ...] = ()
