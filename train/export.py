@@ -37,7 +37,6 @@ log = logging.getLogger("pelab.export")
 
 LAYOUTS = ("auto", "qwen3", "llama", "custom")
 HF_ROTATION = "counter-clockwise"  # transformers' rotate_half, and train/modeling_pelab.py
-ROTARY = ("rope", "ropepp_eh", "ropepp_ec", "grape_m", "grape_m_ctx")
 NOPE_LINEAR_FACTOR = 1e30
 VERIFY_TOLERANCE = 1e-3  # max |logit difference| of an fp32 export (tests hold it to 1e-4)
 
@@ -110,10 +109,11 @@ def hf_config(model_cfg: dict, layout: str, eot_id: int, vocab: int, max_len: in
 
 def hf_state_dict(model, vocab: int, layout: str) -> dict[str, torch.Tensor]:
     """pelab's weights under Hugging Face names (Qwen3's; PE and KV-shift parameters under `self_attn.`)."""
-    cfg = model.cfg
+    from pelab.models.pe import pe_class
     from pelab.models.pe.rope import ROTATION, convert_rotation
 
-    rotary = cfg.pe["name"] in ROTARY
+    cfg = model.cfg
+    rotary = bool(pe_class(cfg.pe["name"]).context_keys)  # the PEs with rotary frequencies
     out = {"model.embed_tokens.weight": model.embed.weight[:vocab], "model.norm.weight": model.norm.weight}
     if model.lm_head is not None:
         out["lm_head.weight"] = model.lm_head.weight[:vocab]
@@ -218,7 +218,7 @@ def _hf_tokenizer(name: str, path: str | None, eot_id: int | None):
 
 
 def build_hf_model(loaded, layout: str):
-    """(transformers model with pelab's weights, layout)."""
+    """The transformers model of `layout` holding the loaded checkpoint's weights."""
     from transformers import AutoModelForCausalLM
 
     model_cfg = dict(loaded.model_cfg)
@@ -251,7 +251,7 @@ def max_logit_difference(loaded, out: Path, layout: str, tokens: int = 48, seed:
     vocab = int(loaded.model_cfg["vocab_size"])
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, vocab, (2, tokens), generator=g)
-    ours = loaded.model.float()(idx)[..., :vocab]
+    ours = loaded.model(idx)[..., :vocab]
     return float((hf(input_ids=idx).logits.float() - ours).abs().max())
 
 
@@ -265,7 +265,7 @@ def model_card(loaded, layout: str, why: str) -> str:
         f"{loaded.train_len}; exported from `{loaded.ckpt}` in the `{layout}` layout ({why}).\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f'model = AutoModelForCausalLM.from_pretrained("<this folder>"{remote})\n'
-        'tokenizer = AutoTokenizer.from_pretrained("<this folder>")\n```\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("<this folder>"{remote})\n```\n'
     )
 
 
@@ -286,7 +286,7 @@ def export(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ExportError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another out= or pass overwrite=true")
     try:
         loaded = load(checkpoint, device="cpu", precision="fp32", train_len=train_len)
@@ -297,6 +297,7 @@ def export(
         layout = native or "custom"
     elif layout in ("qwen3", "llama") and layout != native:
         raise ExportError(f"the model cannot be exported as {layout}: {why}; use layout=custom (or auto)")
+    log.info("layout %s: %s", layout, why if layout == native else f"asked for ({why})")
     hf = build_hf_model(loaded, layout)
     hf.to(getattr(torch, dtype))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -311,8 +312,10 @@ def export(
             summary["max_logit_difference"] = diff
             if not diff <= VERIFY_TOLERANCE:
                 raise ExportError(f"the exported model's logits differ from pelab's by {diff:.3g}; nothing was written")
-        if out.exists():
+        if out.is_dir():
             shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
