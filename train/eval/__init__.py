@@ -3,6 +3,6 @@
 Modules: `checkpoint` (model + tokenizer + training config, context-extension overrides), `zeroshot`
 (lm-evaluation-harness-style scoring for any logits function), `tasks` (task prompts and data loaders),
 `ppl` (perplexity vs length), `retrieval` (passkey / needle / RULER-style tasks), `babilong` (bAbI-style
-reasoning facts in a haystack), `callback` (periodic
-evaluation during training), `lm_eval_adapter` (the `pelab` model for lm-evaluation-harness).
+reasoning facts in a haystack), `callback` (periodic evaluation during training), `lm_eval_adapter` (the
+`pelab` model for lm-evaluation-harness).
 """
