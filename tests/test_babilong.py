@@ -154,7 +154,8 @@ class SolverScorer:
 
 
 def test_scores_are_exact_match_of_the_generated_answer(tok, haystack_file):
-    from pelab.train.eval.babilong import markdown, metrics, run_babilong
+    from pelab.train.eval.babilong import run_babilong
+    from pelab.train.eval.suites import SUITES, flat_metrics
 
     hay = np.asarray(tok.encode(haystack_file.read_text()[:200_000]), dtype=np.int64)
     kw = dict(lengths=[160, 600], samples=3, seed=7)
@@ -163,9 +164,9 @@ def test_scores_are_exact_match_of_the_generated_answer(tok, haystack_file):
     assert right["tasks"]["qa4"]["grid"] == [[1.0, 1.0]] and right["mean"] == 1.0
     assert right["tasks"]["qa3"]["per_length"]["160"] is None  # qa3 stories do not fit in 160 tokens
     assert wrong["mean"] == 0.0
-    m = metrics(right)
+    m = flat_metrics({"babilong": right})
     assert m["eval/babilong/qa1"] == 1.0 and m["eval/babilong/avg"] == 1.0
-    table = "\n".join(markdown(right, lambda v, d=3: "-" if v is None else f"{v:.{d}f}"))
+    table = "\n".join(SUITES["babilong"].markdown(right))
     assert "| qa3 three supporting facts | 1.000 | - | 1.000 |" in table and "| **mean** | 1.000 |" in table
     depth = run_babilong(SolverScorer(tok), tok, hay, 300, tasks=["qa1"], depths=[0.0, 1.0], **kw)
     assert depth["tasks"]["qa1"]["grid"] == [[1.0, 1.0], [1.0, 1.0]]

@@ -20,7 +20,14 @@ import torch
 from tests.conftest import REPO, TINY
 from tests.test_eval_scoring import shared_eval_dir
 
-FAST_EVAL = ["eval.limit=2", "ppl.multiples=[1,2,4]", "retrieval.lengths=[160,256]", "retrieval.depths=[0.0,1.0]"]
+FAST_EVAL = [
+    "eval.limit=2",
+    "ppl.multiples=[1,2,4]",
+    "retrieval.lengths=[160,256]",
+    "retrieval.depths=[0.0,1.0]",
+    "babilong.tasks=[qa1,qa4]",
+    "babilong.lengths=[256]",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,8 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_root) -> Path:
     """4 steps of gpt_tiny + RoPE with periodic ppl evaluation every 2 steps and val/loss at step 4."""
-    from pelab.train.__main__ import run
     from pelab.train.config import compose
+    from pelab.train.run import run
 
     run_dir = tmp_path_factory.mktemp("eval_run")
     cfg = compose(
@@ -113,7 +120,7 @@ def test_periodic_eval_metrics_reach_metrics_csv(tiny_run):
 
 
 def test_ppl_at_training_length_equals_val_loss_and_is_deterministic(tiny_run, tmp_path):
-    from pelab.train.eval.__main__ import run_eval
+    from pelab.train.eval.run import run_eval
 
     val = [float(r["val/loss"]) for r in _rows(tiny_run) if r.get("val/loss") and int(r["step"]) == 4][0]
     cfg = _eval_cfg(f"checkpoint={tiny_run}", "suite=ppl_vs_length", "ppl.multiples=[1,2]", f"eval.out_dir={tmp_path}")
@@ -179,11 +186,13 @@ def test_cli_runs_every_suite_offline(tiny_run, tmp_path):
         "## zeroshot",
         "## ppl_vs_length",
         "## retrieval",
+        "## babilong",
         "| arc_easy |",
         "skipped: not available offline",
     ):
         assert section in md
-    for png in ("eval_ppl_vs_length.png", "eval_retrieval.png"):
+    assert doc["suites"]["babilong"]["tasks"]["qa1"]["per_length"]["256"] is not None
+    for png in ("eval_ppl_vs_length.png", "eval_retrieval.png", "eval_babilong.png"):
         assert (tiny_run / png).stat().st_size > 1000
     assert "eval.json" in proc.stdout
     # Bad input: one clear message, exit 2.
@@ -199,7 +208,7 @@ def test_cli_runs_every_suite_offline(tiny_run, tmp_path):
 
 
 def test_context_extension_overrides(tiny_run, tmp_path):
-    from pelab.train.eval.__main__ import run_eval
+    from pelab.train.eval.run import run_eval
 
     base = ["suite=ppl_vs_length", "ppl.multiples=[1,4]", f"eval.out_dir={tmp_path}", "eval.limit=2"]
     plain = run_eval(_eval_cfg(f"checkpoint={tiny_run / 'checkpoints' / 'last.ckpt'}", *base))

@@ -117,7 +117,7 @@ def test_export_folder_tokenizer_card_and_left_padded_generation(tmp_path):
     assert summary["max_logit_difference"] < 1e-4
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_pelab.py", "tokenizer.json", "README.md"} <= files
-    assert not list(tmp_path.glob(".hf.tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no temp folder left beside it
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pelab.PelabForCausalLM"
     assert config["vocab_size"] == VOCAB and config["eos_token_id"] == 50256 and config["pe"]["name"] == "fox"
@@ -188,3 +188,20 @@ def test_cli_and_bad_input(tmp_path, capsys):
             main(list(args))
         assert message in str(err.value), (args, str(err.value))
     assert not any((tmp_path / d).exists() for d in "qxyz")
+
+
+def test_overwrite_replaces_the_folder_and_a_failed_export_leaves_it(tmp_path, capsys):
+    from pelab.data.atomic import atomic_dir
+    from pelab.train.export import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(out) as d:
+        (d / "new.txt").write_text("new")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    ckpt = tiny_checkpoint(tmp_path / "run" / "last.ckpt", pe_spec("rope", before_qk_norm=False))
+    main([f"checkpoint={ckpt}", f"out={out}", "train_len=32", "overwrite=true"])
+    assert "old.txt" not in {p.name for p in out.iterdir()} and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]

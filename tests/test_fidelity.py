@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from pelab.models.attention import CausalSelfAttention
 from pelab.models.config import GPTConfig
 from pelab.models.gpt import GPT
-from pelab.models.pe import available, build_pe, pe_class
+from pelab.models.pe import available, build_pe, options
 from pelab.models.pe.alibi import slopes_tensor
 from pelab.models.pe.base import AttentionShape
 from pelab.models.pe.common import softplus_inverse
-from pelab.models.pe.rope import convert_rotation, rope_inv_freq
+from pelab.models.pe.rope import check_context_extension, context_keys, convert_rotation, rope_inv_freq
 
 from tests.test_pe import pe_spec, perturb_pe
 
@@ -151,7 +151,7 @@ def preset_pe(experiment: str, pe: str) -> dict:
 @pytest.mark.parametrize("experiment,d_model,n_head", [("grape_medium", 1024, 8), ("grape_large", 1280, 10)])
 def test_grape_presets_train_fox_with_the_grape_code_gate_init(experiment, d_model, n_head):
     spec = preset_pe(experiment, "fox")
-    assert spec["init"] == "grape"
+    assert spec["init"] == "grape" and preset_pe(experiment, "alibi")["init"] == "grape"  # one key for every PE
     shape = AttentionShape(d_model, n_head, n_head, 128, 24, 0)
     torch.manual_seed(0)
     fox = build_pe(spec, shape)
@@ -164,6 +164,19 @@ def test_grape_presets_train_fox_with_the_grape_code_gate_init(experiment, d_mod
 
     native = build_pe(model_config(compose(["pe=fox", "model=gpt_355m"])).pe, shape)
     assert native.fgate.weight.std().item() == pytest.approx(0.02, rel=0.03) and not native.fgate.bias.any()
+
+
+def test_init_is_an_option_of_every_pe_with_one_default():
+    from pelab.train.config import compose, config_error_message
+
+    for name in available():
+        assert ("init", str, "native") in options(name), name  # from PositionalEncoding.__init__ (**shared)
+    assert compose(["pe=grape_ap", "pe.init=grape"]).pe.init == "grape"
+    with pytest.raises(ValueError, match="pe.init must be one of native, grape, got 'gpt2'"):
+        build_pe({"name": "fox", "init": "gpt2"}, AttentionShape(32, 4, 4, 8, 1, 0))
+    with pytest.raises(Exception) as err:  # noqa: B017
+        compose(["pe=fox", "pe.inti=grape"])
+    assert "'inti' is not a key of pe; valid keys: name, output_gate" in config_error_message(err.value)
 
 
 @pytest.mark.parametrize("name", available())
@@ -297,11 +310,16 @@ def test_rope_with_unequal_qk_norm_gains_is_relative_only_after_the_norm(before,
 @pytest.mark.parametrize("name", available())
 def test_every_pe_extends_its_context_or_refuses_clearly(name):
     shape = AttentionShape(32, 4, 2, 8, 1, 0)
-    trained = {**pe_spec(name), "base": 10000.0} if pe_class(name).context_keys else pe_spec(name)
-    if not pe_class(name).context_keys:
+    rotary = bool(context_keys(name))  # the knobs are constructor options of the rotary PEs only
+    assert rotary == (name in ("rope", "ropepp_eh", "ropepp_ec", "grape_m", "grape_m_ctx"))
+    trained = {**pe_spec(name), "base": 10000.0} if rotary else pe_spec(name)
+    if not rotary:
         with pytest.raises(ValueError, match=f"pe={name} cannot extend its context: .* applies to grape_m, "):
+            check_context_extension(name, {"base": 500000.0})
+        with pytest.raises(ValueError, match=f"bad options for pe={name}: .*'base'"):
             build_pe({**pe_spec(name), "base": 500000.0}, shape)
         return
+    check_context_extension(name, {"base": 500000.0, "scaling": "yarn"})
     for new in ({"base": 500000.0}, {"scaling": "linear", "factor": 4.0}, {"scaling": "yarn", "factor": 4.0}):
         pe = build_pe({**trained, **new}, shape)
         note = pe.extend_context(trained)

@@ -139,7 +139,7 @@ class FakeRun:
         }
         self.summary = {"final/val_loss": 1.0}
         # What LoggerBridge / StabilityMonitor send: grouped names, one history row per log call.
-        from pelab.train.stability import grouped
+        from pelab.train.metrics import grouped
 
         self._rows = []
         for i, r in enumerate(report.read_metrics(run_dir)):
@@ -308,7 +308,7 @@ def test_sweep_logs_every_metric_to_csv_and_offline_wandb(sweep):
 
 
 def test_resumed_run_continues_the_same_wandb_run(sweep, tiny_cfg):
-    from pelab.train.__main__ import run
+    from pelab.train.run import run
 
     cell = sweep / "0-rope"  # hydra.sweep.subdir=${hydra.job.num}-${pe.name}
     run_id = (cell / "wandb_id.txt").read_text().strip()

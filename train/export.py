@@ -18,7 +18,8 @@ pelab's SwiGLU padding exists only inside its forward, so the weights are export
 weights pass through `models.pe.rope.convert_rotation` from pelab's direction to Hugging Face's (both
 counter-clockwise: unchanged). The tokenizer is written as tokenizer.json (GPT-2: rebuilt from the BPE ranks;
 `data.tokenizer.name=hf`: its tokenizer.json). `verify=true` (fp32 exports) reloads the folder and checks its
-logits against pelab's on random tokens. The folder appears complete or not at all (written beside it, renamed).
+logits against pelab's on random tokens. The folder appears complete or not at all
+(`pelab.data.atomic.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
+from pelab.data.atomic import atomic_dir
 
 log = logging.getLogger("pelab.export")
 
@@ -109,11 +109,10 @@ def hf_config(model_cfg: dict, layout: str, eot_id: int, vocab: int, max_len: in
 
 def hf_state_dict(model, vocab: int, layout: str) -> dict[str, torch.Tensor]:
     """pelab's weights under Hugging Face names (Qwen3's; PE and KV-shift parameters under `self_attn.`)."""
-    from pelab.models.pe import pe_class
-    from pelab.models.pe.rope import ROTATION, convert_rotation
+    from pelab.models.pe.rope import ROTATION, context_keys, convert_rotation
 
     cfg = model.cfg
-    rotary = bool(pe_class(cfg.pe["name"]).context_keys)  # the PEs with rotary frequencies
+    rotary = bool(context_keys(cfg.pe["name"]))  # the PEs that rotate q and k
     out = {"model.embed_tokens.weight": model.embed.weight[:vocab], "model.norm.weight": model.norm.weight}
     if model.lm_head is not None:
         out["lm_head.weight"] = model.lm_head.weight[:vocab]
@@ -225,8 +224,13 @@ def build_hf_model(loaded, layout: str):
     vocab, eot = int(model_cfg["vocab_size"]), int(loaded.tokenizer.eot_id)
     config = hf_config(model_cfg, layout, eot, vocab, int(loaded.train_len))
     if layout == "custom":
-        from pelab.train.modeling_pelab import PelabForCausalLM
+        from pelab.train.modeling_pelab import PES, PelabForCausalLM
 
+        if model_cfg["pe"]["name"] not in PES:
+            raise ExportError(
+                f"pe={model_cfg['pe']['name']} has no Hugging Face implementation yet: add its attention to "
+                f"train/modeling_pelab.py (PES) to export it"
+            )
         config.register_for_auto_class()
         PelabForCausalLM.register_for_auto_class("AutoModelForCausalLM")
         hf = PelabForCausalLM(config)
@@ -300,9 +304,7 @@ def export(
     log.info("layout %s: %s", layout, why if layout == native else f"asked for ({why})")
     hf = build_hf_model(loaded, layout)
     hf.to(getattr(torch, dtype))
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         hf.save_pretrained(str(tmp))
         hf_tokenizer(loaded.tokenizer).save_pretrained(str(tmp))
         (tmp / "README.md").write_text(model_card(loaded, layout, why))
@@ -312,13 +314,6 @@ def export(
             summary["max_logit_difference"] = diff
             if not diff <= VERIFY_TOLERANCE:
                 raise ExportError(f"the exported model's logits differ from pelab's by {diff:.3g}; nothing was written")
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

@@ -147,7 +147,7 @@ def load_runs(paths: list[Path | str]) -> list[Run]:
 def runs_from_wandb(path: str, api=None) -> list[Run]:
     """Runs of `entity/project[/group]` through the W&B public API, mapped to the local structures
     (history rows keyed by step, grouped names also under their metrics.csv names)."""
-    from pelab.train.stability import CSV_ALIASES
+    from pelab.train.metrics import CSV_ALIASES
 
     parts = path.strip("/").split("/")
     if len(parts) not in (2, 3):

@@ -43,8 +43,9 @@ class FoX(PositionalEncoding):
         output_norm: bool = False,
         init_std: float = 0.02,
         output_norm_eps: float = 1e-5,
+        **shared,
     ):
-        super().__init__(shape)
+        super().__init__(shape, **shared)
         H, D = self.layout().attn_heads, shape.head_dim
         self.init_std, self.output_norm_eps = float(init_std), float(output_norm_eps)
         self.fgate = nn.Linear(shape.d_model, H, bias=True)
@@ -65,6 +66,9 @@ class FoX(PositionalEncoding):
                 nn.init.normal_(self.ogate.weight, 0.0, self.init_std)
         if self.onorm_weight is not None:
             nn.init.ones_(self.onorm_weight)
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return [self.fgate.bias]
 
     def log_forget(self, x: Tensor) -> Tensor:
         """(B, T, H) fp32 log f_t."""

@@ -47,8 +47,9 @@ class GrapeAP(PositionalEncoding):
         query_probe_norm: bool = False,
         learn_alpha: bool = False,
         probe_init_std: float | None = None,
+        **shared,
     ):
-        super().__init__(shape)
+        super().__init__(shape, **shared)
         if probe_dim < 2 or probe_dim % 2:
             raise ValueError(f"grape_ap probe_dim must be even (rotated in planes), got {probe_dim}")
         H = self.layout().attn_heads

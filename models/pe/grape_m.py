@@ -66,7 +66,6 @@ class _LearnedRotary(FP32Params, PositionalEncoding):
     """Learned frequencies theta = exp(log_freq / log_freq_scale) starting at RoPE's, and their context
     extension (shared by GRAPE-M and GRAPE-M-ctx)."""
 
-    context_keys = RotaryContext.keys()
     log_freq: nn.Parameter
     log_freq_scale: float
 
@@ -114,8 +113,9 @@ class GrapeM(_LearnedRotary):
         scaling: str = "none",
         factor: float = 1.0,
         original_max_len: int = 4096,
+        **shared,
     ):
-        super().__init__(shape)
+        super().__init__(shape, **shared)
         D = shape.head_dim
         if D % 2:
             raise ValueError(f"GRAPE-M needs an even head_dim, got {D}")
@@ -232,8 +232,9 @@ class GrapeMCtx(_LearnedRotary):
         scaling: str = "none",
         factor: float = 1.0,
         original_max_len: int = 4096,
+        **shared,
     ):
-        super().__init__(shape)
+        super().__init__(shape, **shared)
         if shape.head_dim % 2:
             raise ValueError(f"GRAPE-M needs an even head_dim, got {shape.head_dim}")
         if init_mode not in ("head", "first_release"):
@@ -254,6 +255,9 @@ class GrapeMCtx(_LearnedRotary):
             nn.init.zeros_(self.omega_proj.weight)
         else:
             nn.init.normal_(self.omega_proj.weight, 0.0, 0.5 / math.sqrt(self.shape.d_model))
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return [self.omega_proj.bias]
 
     def omega(self, x: Tensor) -> Tensor:
         """(B, T) fp32 phase increments omega_t."""

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from pelab.models.pe import register
+from pelab.models.pe import available, options, register
 from pelab.models.pe.base import PositionalEncoding
 from pelab.models.pe.common import half_split_cos_sin
 from torch import Tensor
@@ -118,6 +118,25 @@ class RotaryContext:
         return theta
 
 
+def context_keys(pe_name: str) -> list[str]:
+    """The context-extension knobs PE `pe_name` takes: the `RotaryContext` keys among its constructor's options
+    (all four for the rotary PEs rope, ropepp_*, grape_m*; none for the others)."""
+    own = {key for key, _, _ in options(pe_name)}
+    return [key for key in RotaryContext.keys() if key in own]
+
+
+def check_context_extension(pe_name: str, keys) -> None:
+    """A clear error when PE `pe_name` cannot take the context-extension `keys` (pe.base, pe.scaling, ...)."""
+    bad = sorted(set(keys) & set(RotaryContext.keys()) - set(context_keys(pe_name)))
+    if bad:
+        can = ", ".join(n for n in available() if context_keys(n))
+        knobs = ", ".join(f"pe.{k}" for k in bad)
+        raise ValueError(
+            f"pe={pe_name} cannot extend its context: it has no rotary frequencies for {knobs}; "
+            f"context extension applies to {can}"
+        )
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -157,8 +176,6 @@ def convert_rotation(weight: Tensor, head_dim: int, src: str = ROTATION, dst: st
 
 @register("rope")
 class RoPE(PositionalEncoding):
-    context_keys = RotaryContext.keys()
-
     def __init__(
         self,
         shape,
@@ -167,8 +184,9 @@ class RoPE(PositionalEncoding):
         scaling: str = "none",
         factor: float = 1.0,
         original_max_len: int = 4096,
+        **shared,
     ):
-        super().__init__(shape)
+        super().__init__(shape, **shared)
         if shape.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {shape.head_dim}")
         self.before_qk_norm = before_qk_norm

@@ -9,7 +9,8 @@ of the checkpoint's PE config, by the PE itself: the model is built with the ext
 (`pe.base`, `pe.scaling`, `pe.factor`, `pe.original_max_len`), the checkpoint's weights are loaded, and
 each PE's `extend_context(trained_pe_cfg)` adapts what it learned (`rope`/`ropepp_*` derive their
 frequencies from the config; `grape_m*` rescale their learned ones; YaRN's temperature is a logit factor).
-A PE that cannot extend its context (`context_keys` empty) refuses with a message naming the ones that can.
+A PE whose constructor takes no such knobs (`models.pe.rope.context_keys`) refuses with a message naming the ones
+that can.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pelab.data.tokenizer import load_tokenizer, tokenizer_from_cfg
 from pelab.models.config import GPTConfig
 from pelab.models.gpt import GPT
+from pelab.models.pe.rope import check_context_extension
+from pelab.train.checkpoints import is_sharded_checkpoint
+from pelab.train.config import model_config
 
 log = logging.getLogger("pelab.eval")
 
@@ -40,7 +45,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_file():
         return p
     for cand in (p, p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
-        if cand.is_dir() and ((cand / ".metadata").exists() or any(cand.glob("*.distcp"))):
+        if is_sharded_checkpoint(cand):
             raise CheckpointError(
                 f"{cand} is a sharded (FSDP) checkpoint; make it one file first: "
                 f"python -m train.consolidate {cand} <file.ckpt>"
@@ -89,8 +94,6 @@ def build_model(
 ) -> tuple[GPT, dict]:
     """An untrained GPT for `model_cfg` with the context-extension overrides applied to its PE config
     (a PE that cannot take them refuses). Returns (model, effective pe cfg)."""
-    from pelab.models.pe import check_context_extension
-
     base_cfg = dict(model_cfg)
     old_pe = dict(base_cfg["pe"])
     overrides = _clean_overrides(pe_overrides)
@@ -192,8 +195,6 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def tokenizer_for(train_cfg: DictConfig | None, vocab_size: int):
-    from pelab.data.tokenizer import load_tokenizer, tokenizer_from_cfg
-
     tok = tokenizer_from_cfg(train_cfg.data.tokenizer) if train_cfg is not None else load_tokenizer("gpt2")
     if tok.vocab_size > vocab_size:
         raise CheckpointError(
@@ -220,8 +221,6 @@ def load(
     if model_cfg is None:
         if train_cfg is None:
             raise CheckpointError(f"{ckpt} has no pelab model config and no config.yaml next to it")
-        from pelab.train.config import model_config
-
         model_cfg = model_config(train_cfg).__dict__.copy()
     if train_len is None:
         train_len = int(OmegaConf.select(train_cfg, "trainer.seq_len", default=0) or 0) if train_cfg else 0
