@@ -96,10 +96,9 @@ def test_every_model_key_can_be_overridden_without_plus():
 def test_pe_and_optimizer_keys_come_from_the_code():
     import inspect
 
+    from pelab.models.pe.base import PositionalEncoding
     from pelab.models.pe.grape_m import GrapeM
     from pelab.train.optim import adamw
-
-    from pelab.models.pe.base import PositionalEncoding
 
     grape = compose(["pe=grape_m"]).pe
     shared = list(inspect.signature(PositionalEncoding.__init__).parameters.items())[2:]  # forwarded: **shared

@@ -297,11 +297,12 @@ def export(
     except CheckpointError as e:
         raise ExportError(str(e).replace("eval.train_len", "train_len")) from None
     native, why = native_layout(loaded.model_cfg)
-    if layout == "auto":
-        layout = native or "custom"
-    elif layout in ("qwen3", "llama") and layout != native:
+    if layout in ("qwen3", "llama") and layout != native:
         raise ExportError(f"the model cannot be exported as {layout}: {why}; use layout=custom (or auto)")
-    log.info("layout %s: %s", layout, why if layout == native else f"asked for ({why})")
+    if layout == "custom" and native:
+        why = f"asked for (the model is also a {native} model)"
+    layout = (native or "custom") if layout == "auto" else layout
+    log.info("layout %s: %s", layout, why)
     hf = build_hf_model(loaded, layout)
     hf.to(getattr(torch, dtype))
     with atomic_dir(out) as tmp:
