@@ -9,7 +9,7 @@ STAMP := $(VENV)/.pelab-installed
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.11,torch==2.13.0)
 ARGS ?=
 
-.PHONY: help install train test test-gpu test-slurm bench sweep report eval data clean
+.PHONY: help install train test test-gpu test-slurm bench sweep report eval export data clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ report: $(STAMP)  ## compare runs: plots + table (ARGS="runs/multirun/<date>" or
 
 eval: $(STAMP)  ## evaluate a checkpoint (ARGS="checkpoint=runs/<run> suite=all eval.data_dir=../shared/data/eval")
 	$(PY) -m train.eval $(ARGS)
+
+export: $(STAMP)  ## a checkpoint as a Hugging Face folder (ARGS="checkpoint=runs/<run> out=runs/<run>/hf")
+	$(PY) -m train.export $(ARGS)
 
 data: $(STAMP)  ## build FineWeb-Edu shards (ARGS="data.subset=sample-10BT" or data.local_files=...)
 	$(PY) -m data.prepare data=fineweb_edu $(ARGS)

@@ -102,11 +102,13 @@ def test_every_model_key_can_be_overridden_without_plus():
 def test_pe_and_optimizer_keys_come_from_the_code():
     import inspect
 
+    from pelab.models.pe.base import PositionalEncoding
     from pelab.models.pe.grape_m import GrapeM
     from pelab.train.optim import adamw
 
     grape = compose(["pe=grape_m"]).pe
-    for name, p in list(inspect.signature(GrapeM.__init__).parameters.items())[2:]:
+    shared = list(inspect.signature(PositionalEncoding.__init__).parameters.items())[2:]  # forwarded: **shared
+    for name, p in list(inspect.signature(GrapeM.__init__).parameters.items())[2:-1] + shared:
         assert grape[name] == p.default, name
     optim = compose([]).optim
     assert list(optim.betas) == [0.9, 0.95] and optim.eps == inspect.signature(adamw).parameters["eps"].default

@@ -4,7 +4,7 @@ Writes, next to the checkpoint (its run directory) or to `eval.out_dir`:
   eval.json                 every suite evaluated so far for this checkpoint (a later run of another
                             suite is merged in; a newer checkpoint replaces the file);
   eval.md                   the same as tables;
-  eval_<suite>.png          the suites' plots (ppl_vs_length, retrieval).
+  eval_<suite>.png          the suites' plots (ppl_vs_length, retrieval, babilong).
 With PE overrides (context extension, e.g. `pe.base=500000`) the files are named eval-<tag>.* so
 they sit beside the unmodified model's results. The numbers are deterministic: evaluating twice
 gives the same file.
