@@ -103,7 +103,8 @@ def _rows_table(rows: list[dict]) -> list[str]:
             out.append(f"| {r['pe']} | {r['docs']} | {r['first']:.2f} -> {r['last']:.2f} | {r['val']} | {kernels} |")
     for r in rows:
         if r.get("entry") == "eval":
-            out.append(f"\npython -m train.eval suite=ppl_vs_length on {r['run']}: {r['lengths']}")
+            losses = ", ".join(f"{m}: {v['loss']:.3f}" for m, v in r["lengths"].items())
+            out.append(f"\npython -m train.eval suite=ppl_vs_length on {r['run']}: loss per length multiple {losses}")
     return out
 
 

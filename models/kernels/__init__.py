@@ -67,7 +67,8 @@ def check_backend(backend: str) -> None:
 
 
 def kernels_used() -> dict[str, str]:
-    """{input kind: kernel name} for every attention call made so far in this process."""
+    """{input kind: kernel name} for every attention call made so far in this process; calls without
+    gradients (validation, evaluation) count as their own kind, since `auto` may choose differently there."""
     return {kind: name for (kind, _), name in _USED.items()}
 
 
@@ -125,7 +126,8 @@ def attend(
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     docs = doc_ids is not None
     kernel = select_kernel(qh, kh, vh, bias, backend, docs)
-    key = (_kind(q, bias, docs), kernel.name)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (_kind(q, bias, docs) + ("" if grad else " no-grad"), kernel.name)
     if key not in _USED and not torch.compiler.is_compiling():
         log.info("attention kernel: %s for %s inputs", kernel.name, key[0])
     _USED[key] = kernel.name
