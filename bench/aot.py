@@ -75,6 +75,7 @@ SWEEP = {
     "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 128, 8, 2)],
     "dkdv": [(16, 64, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
     "dq": [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
+    "bwd": [(128, 32, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2), (128, 64, 8, 2)],
 }
 
 
@@ -119,37 +120,31 @@ def main(argv=None):
         "Q": dt,
         "K": dt,
         "V": dt,
-        "QP": f32p,
-        "KP": f32p,
+        "QZ": "*bf16",
+        "KZP": "*bf16",
+        "QBP": "*bf16",
+        "KBP": "*bf16",
         "ALPHA": f32p,
         "O": dt,
         "L": f32p,
         "DO": dt,
         "DELTA": f32p,
-        "DK": dt,
-        "DV": dt,
-        "DKP": f32p,
         "DQ": dt,
+        "DK32": f32p,
+        "DV32": f32p,
         "DQP": f32p,
+        "DKP": f32p,
         "DAL": f32p,
-        "CT": f32p,
-        "ET": f32p,
+        "DOC": "*i32",
+        "DSTART": "*i32",
     }
     fl = ("sm_scale", "sm_scale2", "pscale")
     for name, fn, ptrs, kind, mod, extra in [
         ("lowrank_fwd", L.lowrank_fwd_kernel, lr_ptr, "fwd", TL, {"R": 3}),
         ("lowrank_dkdv", L.lowrank_bwd_dkdv_kernel, lr_ptr, "dkdv", TL, {"R": 3, "NEED_DB": True}),
         ("lowrank_dq", L.lowrank_bwd_dq_kernel, lr_ptr, "dq", TL, {"R": 3, "NEED_DA": True}),
-        ("pathsum_fwd", P.pathsum_fwd_kernel, ps_ptr, "fwd", TP, {"PP": 16}),
-        (
-            "pathsum_dq",
-            P.pathsum_bwd_dq_kernel,
-            ps_ptr,
-            "dq",
-            TP,
-            {"PP": 16, "NEED_DALPHA": False, "TB": TP.CONFIGS["dkdv"][D][1]},
-        ),
-        ("pathsum_dkdv", P.pathsum_bwd_dkdv_kernel, ps_ptr, "dkdv", TP, {"PP": 16}),
+        ("pathsum_fwd", P.pathsum_fwd_kernel, ps_ptr, "fwd", TP, {"KZ": 32}),
+        ("pathsum_bwd", P.pathsum_bwd_kernel, ps_ptr, "bwd", TP, {"KZ": 32, "KB": 16, "NEED_DALPHA": True}),
     ]:
         if args.only and name not in args.only.split(","):
             continue
@@ -157,12 +152,19 @@ def main(argv=None):
             extra = dict(extra, R=args.rank)
         cfgs = SWEEP.get(kind, []) if args.sweep else [mod.CONFIGS[kind][D]]
         for bm, bn, w, st in cfgs:
-            if name == "pathsum_dq":
-                extra = dict(extra, TB=bn)
             flags = {"EVEN_T": True, "STORE_LO": False, "HAS_DOC": args.docs}  # those the kernel takes
             consts = dict(extra, D=D, BLOCK_M=bm, BLOCK_N=bn, **{k: v for k, v in flags.items() if k in fn.arg_names})
+            types = ptrs
+            if name == "pathsum_bwd":  # TMA reductions into the fp32 dK / dV / d(key probe) buffers
+                consts.update(USE_TMA=TP.TMA_REDUCE[0])
+                desc = {
+                    k: f"tensordesc<fp32[1,{bn},{c}]>" for k, c in (("DK_DESC", D), ("DV_DESC", D), ("DKP_DESC", 16))
+                }
+                types = dict(ptrs, **desc) if TP.TMA_REDUCE[0] else ptrs
+                if not TP.TMA_REDUCE[0]:
+                    consts.update(dict.fromkeys(desc))
             try:
-                r = compile_one(fn, ptrs, consts, w, st, fl)
+                r = compile_one(fn, types, consts, w, st, fl)
                 print(f"{name:<14} cfg={(bm, bn, w, st)} {r}", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"{name:<14} cfg={(bm, bn, w, st)} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)

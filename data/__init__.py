@@ -2,16 +2,17 @@
 
     from pelab.data import TokenDataModule, ensure_prepared, load_tokenizer
 
-Names are imported from their submodules on first use, so that `import data.tokenizer` does not
-pull in Lightning and `python -m data.prepare` does not import itself twice.
+Names are imported from their submodules on first use, so that `import pelab.data.tokenizer` does not
+pull in Lightning.
 """
 
 import importlib
 
 _EXPORTS = {
+    "DataConfig": "pelab.data.config",
     "TokenDataModule": "pelab.data.datamodule",
-    "ensure_prepared": "pelab.data.sample",
-    "HubUnreachableError": "pelab.data.prepare",
+    "ensure_prepared": "pelab.data.ready",
+    "HubUnreachable": "pelab.data.hub",
     "prepare": "pelab.data.prepare",
     "TrainWindows": "pelab.data.sampler",
     "ValWindows": "pelab.data.sampler",
@@ -31,4 +32,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
+    raise AttributeError(f"module 'pelab.data' has no attribute {name!r}")

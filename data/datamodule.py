@@ -13,8 +13,8 @@ import itertools
 
 import lightning as L
 import torch
-from pelab.data.prepare import as_config
-from pelab.data.sample import ensure_prepared
+from pelab.data.config import as_data_config
+from pelab.data.ready import ensure_prepared
 from pelab.data.sampler import TrainWindows, ValWindows, seq_ids_for
 from pelab.data.shards import find_shards
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -88,7 +88,7 @@ class TokenDataModule(L.LightningDataModule):
 
     def __init__(self, data_cfg, seq_len: int, micro_batch_size: int, accum_steps: int, seed: int):
         super().__init__()
-        self.data_cfg = as_config(data_cfg)
+        self.data_cfg = as_data_config(data_cfg)
         self.seq_len, self.micro_batch_size, self.accum_steps, self.seed = seq_len, micro_batch_size, accum_steps, seed
         self.train_windows: TrainWindows | None = None
         self.val_windows: ValWindows | None = None
@@ -129,7 +129,7 @@ class TokenDataModule(L.LightningDataModule):
         return self._loader(ValBatches(self.val_windows, rank, world, self.micro_batch_size))
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
-        workers = int(self.data_cfg.get("num_workers", 0))
+        workers = int(self.data_cfg.num_workers)
         return DataLoader(
             dataset,
             batch_size=None,

@@ -1,234 +1,28 @@
-"""Tokenise a text dataset into nanoGPT-format shards.
+"""Tokenise a text dataset into nanoGPT-format shards (the format and resume rules: pelab.data.writer).
 
-    python -m data.prepare data=fineweb_edu data.subset=sample-10BT
-    python -m data.prepare data=fineweb_edu data.local_files='/path/*.parquet'
-    python -m data.prepare data=sample
-
-Each document becomes `[eot] + encode(text)`; documents are concatenated into shards of
-`data.shard_tokens` tokens (a document that does not fit continues in the next shard, as in
-nanoGPT); shard 0 is the validation shard. The run is resumable: after every shard a small
-state file records how far it got, so a killed run continues without duplicating or losing
-documents. `manifest.json` is written last and marks the directory as complete.
+python -m data.prepare data=fineweb_edu data.subset=sample-10BT
+python -m data.prepare data=fineweb_edu data.local_files='/path/*.parquet'
+python -m data.prepare data=sample
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import gzip
 import json
-import multiprocessing as mp
 import os
-import socket
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
-from itertools import islice
+from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urlparse
 
-import numpy as np
-from omegaconf import DictConfig, OmegaConf
-from pelab.data.shards import (
-    MANIFEST,
-    ShardError,
-    atomic_write,
-    load_manifest,
-    shard_name,
-    token_dtype,
-    write_manifest,
-    write_shard,
-)
-from pelab.data.tokenizer import Tokenizer, tokenizer_from_cfg
-from tqdm import tqdm
+from pelab.data.config import as_data_config
+from pelab.data.hub import require_hub
+from pelab.data.ready import ensure_prepared
+from pelab.data.shards import load_manifest
+from pelab.data.tokenizer import tokenizer_from_cfg
+from pelab.data.writer import write_shards
 
-STATE = "prepare_state.json"
-HUB_TIMEOUT_S = 5.0
 LOCAL_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json"}
-
-
-class HubUnreachableError(ConnectionError):
-    """The Hugging Face hub cannot be used; the message says how to use local files instead."""
-
-
-@dataclass
-class ResumeState:
-    """Where a preparation stands after its last completed shard."""
-
-    docs_done: int = 0  # documents whose tokens are all in written shards
-    next_shard: int = 0  # index of the shard being filled
-    doc_offset: int = 0  # tokens of document `docs_done` already in written shards
-
-
-# --------------------------------------------------------------------------- packing
-
-
-class ShardPacker:
-    """Concatenate documents into fixed-size shards and save a resume point after each one."""
-
-    def __init__(
-        self,
-        out_dir: Path,
-        prefix: str,
-        dtype,
-        shard_tokens: int,
-        val_shard_tokens: int,
-        start: ResumeState,
-        settings: dict,
-    ):
-        self.out_dir, self.prefix, self.settings = out_dir, prefix, settings
-        self.sizes = (val_shard_tokens, shard_tokens)
-        self.docs_done = start.docs_done
-        self.next_shard = start.next_shard
-        self.skip_tokens = start.doc_offset  # of the first document, already in earlier shards
-        self.buf = np.empty(self._size(self.next_shard), dtype=dtype)
-        self.fill = 0
-        self.shards_written = 0
-
-    def _size(self, idx: int) -> int:
-        return self.sizes[0] if idx == 0 else self.sizes[1]
-
-    def add(self, tokens: np.ndarray) -> None:
-        """Append one document's tokens."""
-        already, self.skip_tokens = self.skip_tokens, 0
-        tokens = tokens[already:]
-        pos = 0
-        while pos < len(tokens):
-            take = min(len(self.buf) - self.fill, len(tokens) - pos)
-            self.buf[self.fill : self.fill + take] = tokens[pos : pos + take]
-            self.fill += take
-            pos += take
-            if self.fill == len(self.buf):
-                done = pos == len(tokens)
-                self._flush(ResumeState(self.docs_done + done, self.next_shard + 1, 0 if done else already + pos))
-        self.docs_done += 1
-
-    def finish(self) -> None:
-        """Write the last, partial shard."""
-        if self.fill:
-            self._flush(ResumeState(self.docs_done, self.next_shard + 1, 0))
-
-    def _flush(self, resume_point: ResumeState) -> None:
-        write_shard(
-            self.out_dir / shard_name(self.prefix, self.next_shard), self.buf[: self.fill], dtype=self.buf.dtype
-        )
-        _write_json(self.out_dir / STATE, {"settings": self.settings, **asdict(resume_point)})
-        self.next_shard += 1
-        self.shards_written += 1
-        self.buf = np.empty(self._size(self.next_shard), dtype=self.buf.dtype)
-        self.fill = 0
-
-
-def write_shards(
-    texts: Iterable[str],
-    out_dir: str | os.PathLike,
-    tokenizer: Tokenizer,
-    *,
-    prefix: str,
-    shard_tokens: int,
-    val_shard_tokens: int | None = None,
-    num_proc: int = 1,
-    settings: dict,
-    total_docs: int | None = None,
-    stop_after_shards: int | None = None,
-) -> dict | None:
-    """Tokenise `texts` into shards in `out_dir`, resuming a previous run with the same settings.
-
-    `settings` (JSON-able) identifies the run: a state file or manifest made with other settings
-    is refused rather than mixed in. `stop_after_shards` stops (as a kill would) once that many
-    shards were written by this call and returns None; otherwise the manifest is returned.
-    """
-    out_dir = Path(out_dir)
-    settings = {
-        **settings,
-        "prefix": prefix,
-        "shard_tokens": shard_tokens,
-        "val_shard_tokens": val_shard_tokens or shard_tokens,
-        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
-    }
-    settings = json.loads(json.dumps(settings))  # compare like with like after a JSON round trip
-    start = _start_or_resume(out_dir, settings)
-    if start is None:
-        return load_manifest(out_dir)
-    dtype = token_dtype(tokenizer.vocab_size)
-    packer = ShardPacker(out_dir, prefix, dtype, shard_tokens, val_shard_tokens or shard_tokens, start, settings)
-    texts = islice(texts, start.docs_done, None)
-    with _encoded_docs(texts, tokenizer, dtype, num_proc) as docs:
-        for tokens in tqdm(docs, initial=start.docs_done, total=total_docs, unit="docs", desc=f"tokenizing {out_dir}"):
-            packer.add(tokens)
-            if stop_after_shards is not None and packer.shards_written >= stop_after_shards:
-                return None
-        packer.finish()
-    if packer.next_shard < 2:
-        raise ValueError(
-            f"{out_dir}: the data fills only the val shard ({settings['val_shard_tokens']} tokens), "
-            "so there is no train shard. Lower data.shard_tokens or use more documents."
-        )
-    manifest = write_manifest(
-        out_dir, tokenizer, num_docs=packer.docs_done, source=settings["source"], settings=settings
-    )
-    (out_dir / STATE).unlink()
-    return manifest
-
-
-def _start_or_resume(out_dir: Path, settings: dict) -> ResumeState | None:
-    """Where to start: None if already complete, the saved resume point, or a clean start."""
-    if (out_dir / MANIFEST).is_file():
-        _check_same_settings(out_dir / MANIFEST, load_manifest(out_dir).get("settings"), settings)
-        print(f"{out_dir} is already prepared ({MANIFEST} present); nothing to do.")
-        return None
-    for tmp in out_dir.glob(".*.tmp"):  # left by a killed atomic write
-        tmp.unlink()
-    if (out_dir / STATE).is_file():
-        saved = json.loads((out_dir / STATE).read_text())
-        _check_same_settings(out_dir / STATE, saved.pop("settings"), settings)
-        print(f"Resuming {out_dir}: {saved['docs_done']} documents done, next shard {saved['next_shard']}.")
-        return ResumeState(**saved)
-    for stale in [*out_dir.glob("*_val_*.bin"), *out_dir.glob("*_train_*.bin")]:  # an unfinished first shard
-        stale.unlink()
-    return ResumeState()
-
-
-def _check_same_settings(path: Path, saved: dict | None, settings: dict) -> None:
-    if saved != settings:
-        raise ShardError(
-            f"{path} was made with other settings:\n  saved: {saved}\n  now:   {settings}\n"
-            f"Delete {path.parent} to rebuild it, or choose another data.dir."
-        )
-
-
-# --------------------------------------------------------------------------- tokenising
-
-_worker: dict = {}
-
-
-def _init_worker(tokenizer: Tokenizer, dtype) -> None:
-    _worker.update(tokenizer=tokenizer, dtype=np.dtype(dtype))
-
-
-def _encode_doc(text: str) -> np.ndarray:
-    """[eot] + tokens of one document, in the shard dtype."""
-    tokenizer = _worker["tokenizer"]
-    return np.array([tokenizer.eot_id, *tokenizer.encode(text)], dtype=_worker["dtype"])
-
-
-@contextlib.contextmanager
-def _encoded_docs(texts: Iterable[str], tokenizer: Tokenizer, dtype, num_proc: int) -> Iterator[Iterator[np.ndarray]]:
-    """Encoded documents in input order, from a process pool when num_proc > 1.
-
-    Workers are spawned, not forked: the parent already runs `datasets`/pyarrow threads, and
-    forking a threaded process can deadlock. The tokenizer pickles as its file paths.
-    """
-    if num_proc <= 1:
-        _init_worker(tokenizer, dtype)
-        yield map(_encode_doc, texts)
-        return
-    with mp.get_context("spawn").Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, dtype)) as pool:
-        yield pool.imap(_encode_doc, texts, chunksize=16)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- sources
@@ -236,31 +30,29 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def load_texts(data_cfg) -> tuple[Iterable[str], dict]:
     """Document texts of a hub or local dataset (`data.*` config), and a description of the source."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # heavy (~2 s); only when shards are built
 
-    if data_cfg.get("local_files"):
+    if data_cfg.local_files:
         files = resolve_local_files(data_cfg.local_files)
         builder = _local_builder(files)
         for f in files:
             _check_text_column(f, builder)
-        ds = load_dataset(
-            builder, data_files=[str(f) for f in files], split="train", streaming=bool(data_cfg.get("streaming", True))
-        )
+        ds = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=data_cfg.streaming)
         source = {"local_files": [str(f) for f in files]}
     else:
-        check_hub_reachable(data_cfg.hf_repo, data_cfg.name)
-        ds = load_dataset(
-            data_cfg.hf_repo,
-            name=data_cfg.get("subset"),
-            split=data_cfg.get("split", "train"),
-            streaming=bool(data_cfg.get("streaming", True)),
+        if not data_cfg.hf_repo:
+            raise ValueError(
+                f"data={data_cfg.name} names no source: set data.hf_repo=<hub dataset> or data.local_files=..."
+            )
+        require_hub(
+            f"{data_cfg.hf_repo} cannot be downloaded",
+            "To prepare from local files instead, download the dataset's parquet files elsewhere and run "
+            f"`python -m data.prepare data={data_cfg.name} data.local_files='/path/*.parquet'` "
+            "(parquet or jsonl files with a `text` column).",
         )
-        source = {
-            "hf_repo": data_cfg.hf_repo,
-            "subset": data_cfg.get("subset"),
-            "split": data_cfg.get("split", "train"),
-        }
-    if data_cfg.get("max_docs"):
+        ds = load_dataset(data_cfg.hf_repo, name=data_cfg.subset, split=data_cfg.split, streaming=data_cfg.streaming)
+        source = {"hf_repo": data_cfg.hf_repo, "subset": data_cfg.subset, "split": data_cfg.split}
+    if data_cfg.max_docs:
         ds = ds.take(int(data_cfg.max_docs))
         source["max_docs"] = int(data_cfg.max_docs)
     return (row["text"] for row in ds), source
@@ -294,7 +86,7 @@ def _local_builder(files: list[Path]) -> str:
 def _check_text_column(path: Path, builder: str) -> None:
     """Fail early, naming the columns found, if a local file has no `text` column."""
     if builder == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy; only for parquet files
 
         columns = pq.read_schema(path).names
     else:
@@ -309,45 +101,13 @@ def _check_text_column(path: Path, builder: str) -> None:
         )
 
 
-def check_hub_reachable(repo: str, data_name: str, timeout: float = HUB_TIMEOUT_S) -> None:
-    """Fail within seconds, with the local-files alternative, when the hub cannot be reached.
-
-    Without this, `datasets` retries for minutes before giving up.
-    """
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    fix = (
-        "To prepare from local files instead, download the dataset's parquet files elsewhere and run "
-        f"`python -m data.prepare data={data_name} data.local_files='/path/*.parquet'` "
-        "(parquet or jsonl files with a `text` column)."
-    )
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE"):
-            raise HubUnreachableError(
-                f"The Hugging Face hub is unreachable: {var} is set, so {repo} cannot be downloaded. {fix}"
-            )
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        raise HubUnreachableError(
-            f"The Hugging Face hub is unreachable ({host}:{port}: {e}), so {repo} cannot be downloaded. {fix}"
-        ) from None
-
-
 # --------------------------------------------------------------------------- entry points
-
-
-def as_config(data_cfg) -> DictConfig:
-    """Accept the `data` config node or a plain dict with the same keys."""
-    return data_cfg if isinstance(data_cfg, DictConfig) else OmegaConf.create(data_cfg)
 
 
 def prepare(data_cfg, stop_after_shards: int | None = None) -> Path:
     """Build the shards of `data_cfg` (the `data` config node) into `data_cfg.dir`."""
-    data_cfg = as_config(data_cfg)
+    data_cfg = as_data_config(data_cfg)
     if data_cfg.name == "sample":
-        from pelab.data.sample import ensure_prepared
-
         return ensure_prepared(data_cfg)
     tokenizer = tokenizer_from_cfg(data_cfg.tokenizer)
     texts, source = load_texts(data_cfg)
@@ -355,11 +115,11 @@ def prepare(data_cfg, stop_after_shards: int | None = None) -> Path:
         texts,
         data_cfg.dir,
         tokenizer,
-        prefix=data_cfg.get("shard_prefix", data_cfg.name),
+        prefix=data_cfg.shard_prefix,
         shard_tokens=int(data_cfg.shard_tokens),
-        num_proc=int(data_cfg.get("num_proc", 1)),
+        num_proc=data_cfg.num_proc,
         settings={"source": source},
-        total_docs=data_cfg.get("max_docs"),
+        total_docs=data_cfg.max_docs,
         stop_after_shards=stop_after_shards,
     )
     return Path(data_cfg.dir)
@@ -367,7 +127,9 @@ def prepare(data_cfg, stop_after_shards: int | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data.prepare data=<name> [data.key=value ...]` (Hydra override syntax)."""
-    from pelab.train.config import compose
+    from pelab.train.config import (
+        compose,  # the root config (paths.data); pelab.data never imports pelab.train at module level
+    )
 
     cfg = compose(sys.argv[1:] if argv is None else argv)
     try:
@@ -382,6 +144,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pelab.data.prepare import main as package_main  # run the package's copy, the one other modules import
-
-    package_main()
+    main()

@@ -4,7 +4,7 @@ Nothing is downloaded or committed: the text is what every CPython install ships
 reference-manual topics of `pydoc_data.topics` and the docstrings of standard-library
 modules, classes and functions (both under the PSF licence). On CPython 3.11 that is about
 1,600 documents and 390k GPT-2 tokens, identical for a given Python version: enough for smoke
-tests and CPU debugging runs. `ensure_prepared` is what the trainer calls for any dataset.
+tests and CPU debugging runs; `pelab.data.ready.ensure_prepared` builds it on first use.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from pelab.data.prepare import as_config, write_shards
-from pelab.data.shards import MANIFEST, ShardError, verify_manifest
-from pelab.data.tokenizer import Tokenizer, tokenizer_from_cfg
+from pelab.data.config import as_data_config
+from pelab.data.tokenizer import tokenizer_from_cfg
+from pelab.data.writer import write_shards
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding the `data` package
 MIN_DOC_CHARS = 200
@@ -91,7 +91,7 @@ def collect_documents() -> list[str]:
     Ordering by content hash (not by name) mixes topics and modules, so the val shard is not
     all one subject.
     """
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # imported in the collecting interpreter only (sample_documents)
 
     texts = {*topics.values()}
     for module in _stdlib_modules():
@@ -144,7 +144,7 @@ def _docstrings(module: ModuleType) -> list[str]:
 def build_sample(data_cfg) -> Path:
     """Write the sample corpus as shards into `data_cfg.dir`: a val shard of about 5% (at least
     `val_tokens` + 1 tokens) and train shards of `shard_tokens` tokens."""
-    data_cfg = as_config(data_cfg)
+    data_cfg = as_data_config(data_cfg)
     tokenizer = tokenizer_from_cfg(data_cfg.tokenizer)
     docs = sample_documents()
     num_tokens = sum(1 + len(ids) for ids in tokenizer.encode_batch(docs))
@@ -158,41 +158,10 @@ def build_sample(data_cfg) -> Path:
         docs,
         data_cfg.dir,
         tokenizer,
-        prefix=data_cfg.get("shard_prefix", data_cfg.name),
+        prefix=data_cfg.shard_prefix,
         shard_tokens=int(data_cfg.shard_tokens),
         val_shard_tokens=val_shard_tokens,
         settings={"source": source},
         total_docs=len(docs),
     )
     return Path(data_cfg.dir)
-
-
-def ensure_prepared(data_cfg) -> Path:
-    """The shard directory of `data_cfg`, checked against its manifest and the configured tokenizer.
-
-    The sample corpus is (re)built on demand; any other dataset must have been prepared with
-    `python -m data.prepare data=<name>`, and the error says so.
-    """
-    data_cfg = as_config(data_cfg)
-    out_dir = Path(data_cfg.dir)
-    try:
-        manifest = verify_manifest(out_dir, data_cfg.name)
-    except ShardError:
-        if data_cfg.name != "sample":
-            raise
-        (out_dir / MANIFEST).unlink(missing_ok=True)  # rebuild an incomplete or damaged sample from scratch
-        build_sample(data_cfg)
-        manifest = verify_manifest(out_dir, data_cfg.name)
-    check_tokenizer(manifest, tokenizer_from_cfg(data_cfg.tokenizer), out_dir)
-    return out_dir
-
-
-def check_tokenizer(manifest: dict, tokenizer: Tokenizer, shard_dir: Path) -> None:
-    """Refuse shards made with another tokenizer: their ids would mean different tokens."""
-    made = manifest["tokenizer"]
-    wanted = {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
-    if made != wanted:
-        raise ShardError(
-            f"{shard_dir} was tokenized with {made}, but the config asks for {wanted}. Prepare the data "
-            "again with this tokenizer into another data.dir, or set data.tokenizer to match."
-        )

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+from pelab.data.atomic import atomic_write, atomic_write_json
 
 MAGIC = 20240520
 HEADER_INTS = 256
@@ -139,7 +139,7 @@ def write_manifest(shard_dir: str | os.PathLike, tokenizer, num_docs: int, sourc
         **extra,
         "shards": shards,
     }
-    atomic_write(shard_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_json(shard_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -167,24 +167,3 @@ def verify_manifest(shard_dir: str | os.PathLike, data_name: str | None = None, 
         if hashes and sha256_file(path) != shard["sha256"]:
             raise ShardError(f"{path}: sha256 differs from the manifest; {prepare_hint(data_name)}.")
     return manifest
-
-
-def atomic_write(path: Path, *chunks) -> None:
-    """Write the chunks (bytes or contiguous arrays) to a unique temp file in the same
-    directory, fsync, then rename over `path`.
-
-    Unique temp names make concurrent writers of identical content (e.g. several ranks
-    building the sample corpus) safe.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            for chunk in chunks:
-                f.write(np.ascontiguousarray(chunk) if isinstance(chunk, np.ndarray) else chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -9,13 +9,14 @@ Hugging Face `tokenizers` file (e.g. a Llama-3 tokenizer) for vocabularies other
 
 from __future__ import annotations
 
-import base64
 import functools
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
 import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = "<|endoftext|>"
@@ -148,49 +149,30 @@ def _gpt2_ranks(path: str | None) -> dict[bytes, int]:
 
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
-    """Parse a tiktoken rank file: one `base64(token_bytes) rank` per line."""
-    ranks = {}
-    for line in path.read_bytes().splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def _gpt2_unicode_to_byte() -> dict[str, int]:
-    """Invert GPT-2's byte -> printable-character table used in encoder.json and vocab.bpe.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes are mapped, in byte
-    order, to the characters U+0100, U+0101, ...
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {chr(b): b for b in printable}
-    others = [b for b in range(256) if chr(b) not in table]
-    table.update({chr(256 + i): b for i, b in enumerate(others)})
-    return table
+    """A tiktoken rank file (one `base64(token_bytes) rank` per line)."""
+    return load_tiktoken_bpe(str(path), expected_hash=_sha256(path))
 
 
 def _read_data_gym_ranks(encoder_json: Path, vocab_bpe: Path) -> dict[bytes, int]:
-    """Ranks from encoder.json, checked against the merge order of vocab.bpe.
+    """Ranks from GPT-2's encoder.json + vocab.bpe, which tiktoken checks against each other: it merges
+    by rank, so it is only equivalent to GPT-2's BPE if rank 256+i is the i-th merge."""
+    try:
+        return data_gym_to_mergeable_bpe_ranks(
+            str(vocab_bpe),
+            str(encoder_json),
+            vocab_bpe_hash=_sha256(vocab_bpe),
+            encoder_json_hash=_sha256(encoder_json),
+        )
+    except (AssertionError, KeyError, ValueError):
+        raise ValueError(
+            f"{encoder_json} and {vocab_bpe} disagree: they are not from the same BPE vocabulary. {TOKENIZER_FIX}"
+        ) from None
 
-    tiktoken merges by rank, so it is only equivalent to GPT-2's BPE if rank 256+i is the
-    i-th merge; a mismatched pair of files would silently tokenise differently.
-    """
-    to_byte = _gpt2_unicode_to_byte()
 
-    def to_bytes(token: str) -> bytes:
-        return bytes(to_byte[c] for c in token)
-
-    encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
-    ranks = {to_bytes(tok): rank for tok, rank in encoder.items() if tok not in (GPT2_EOT, "<|startoftext|>")}
-    merges = [line.split(" ") for line in vocab_bpe.read_text(encoding="utf-8").splitlines()[1:] if line]
-    for i, (left, right) in enumerate(merges):
-        if ranks.get(to_bytes(left) + to_bytes(right)) != 256 + i:
-            raise ValueError(
-                f"{encoder_json} and {vocab_bpe} disagree at merge {i} ({left!r} {right!r}): "
-                f"they are not from the same BPE vocabulary. {TOKENIZER_FIX}"
-            )
-    return ranks
+def _sha256(path: Path) -> str:
+    # tiktoken caches the files it reads by path (TIKTOKEN_CACHE_DIR); the hash keeps an edited file from
+    # being served from that cache.
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _load_hf(path: str | None, eot_id: int | None):
@@ -198,7 +180,7 @@ def _load_hf(path: str | None, eot_id: int | None):
     if path is None:
         raise ValueError("data.tokenizer.name=hf needs data.tokenizer.path=<dir with tokenizer.json, or the file>.")
     try:
-        from tokenizers import Tokenizer as HFTokenizerImpl
+        from tokenizers import Tokenizer as HFTokenizerImpl  # the optional extra [hf]
     except ImportError:
         raise ImportError("data.tokenizer.name=hf needs the `tokenizers` package: pip install tokenizers") from None
     p = Path(path)

@@ -66,6 +66,11 @@ class GPT(nn.Module):
     def pes(self) -> list[PositionalEncoding]:
         return [b.attn.pe for b in self.blocks]
 
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """Parameters trained without weight decay: the RMSNorm gains and what each PE names."""
+        norms = [p for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()]
+        return norms + [p for pe in self.pes() for p in pe.no_weight_decay()]
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         cfg = self.cfg

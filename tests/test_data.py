@@ -11,17 +11,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from pelab.data.datamodule import TokenDataModule
-from pelab.data.sample import ensure_prepared, sample_documents
+from pelab.data.ready import ensure_prepared
+from pelab.data.sample import sample_documents
 from pelab.data.shards import MANIFEST, ShardError, find_shards, load_manifest, read_shard, write_manifest, write_shard
 from pelab.data.tokenizer import load_tokenizer
+from pelab.train.config import compose
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN, MBS, ACCUM = 64, 4, 2
 
 
 def data_cfg(name: str, root: Path, **overrides):
-    """conf/data/<name>.yaml with paths.data=root."""
-    cfg = OmegaConf.create({"paths": {"data": str(root)}, "data": OmegaConf.load(REPO / f"conf/data/{name}.yaml")})
+    """The composed `data=<name>` config with paths.data=root."""
+    cfg = compose([f"data={name}", f"paths.data={root}"])
     cfg.data.merge_with(overrides)
     return cfg.data
 

@@ -27,8 +27,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
-from pelab.train.__main__ import plan
 from pelab.train.config import compose, model_config
+from pelab.train.plan import plan
 
 from tests.conftest import REPO, TINY
 
@@ -240,7 +240,7 @@ def test_fsdp_loads_a_single_file_saves_sharded_and_consolidates(ref, fsdp, tmp_
 
 
 def test_world_size_and_accumulation(monkeypatch):
-    from pelab.train.strategy import world_size
+    from pelab.train.plan import world_size
 
     for var in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -272,16 +272,18 @@ def test_world_size_and_accumulation(monkeypatch):
 
 
 def test_trainer_configs_compose_and_build_their_strategies():
+    from hydra.errors import ConfigCompositionException
     from lightning.pytorch.strategies import DDPStrategy
     from pelab.models.gpt import Block
-    from pelab.train.strategy import DDP_DEFAULTS, FSDP_DEFAULTS, PelabFSDPStrategy, build
+    from pelab.train.schema import DDPOptions, FSDPOptions
+    from pelab.train.strategy import PelabFSDPStrategy, build
     from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
 
     for name in ("ddp", "fsdp", "auto"):
         cfg = compose([f"trainer={name}"])
         assert cfg.trainer.name == name and cfg.trainer.devices == "auto" and cfg.trainer.seq_len == 128
     auto = compose(["trainer=auto"]).trainer
-    assert OmegaConf.to_container(auto.ddp) == DDP_DEFAULTS and OmegaConf.to_container(auto.fsdp) == FSDP_DEFAULTS
+    assert auto.ddp == OmegaConf.structured(DDPOptions) and auto.fsdp == OmegaConf.structured(FSDPOptions)
 
     s, name = build(compose(["trainer=ddp"]), 2, 10**6, "32-true")
     assert name == "ddp" and isinstance(s, DDPStrategy) and s._ddp_kwargs["gradient_as_bucket_view"] is True
@@ -303,27 +305,33 @@ def test_trainer_configs_compose_and_build_their_strategies():
     # the plain default trainer with trainer.strategy=fsdp gets the same defaults
     s, name = build(compose(["trainer.strategy=fsdp"]), 2, 10**6, "32-true")
     assert name == "fsdp" and s.sharding_strategy == ShardingStrategy.FULL_SHARD
-    with pytest.raises(ValueError, match="unknown trainer.fsdp option"):
-        build(compose(["trainer=fsdp", "+trainer.fsdp.shardin=full"]), 2, 10**6, "32-true")
+    with pytest.raises(ConfigCompositionException, match="trainer.fsdp.shardin"):  # strict keys: at composition
+        compose(["trainer=fsdp", "trainer.fsdp.shardin=full"])
     assert build(compose([]), 1, 10**6, "32-true") == ("auto", "single")
 
 
 def test_auto_rule_picks_fsdp_only_when_the_training_state_does_not_fit():
-    from pelab.train.strategy import choose
+    from pelab.train.strategy import bytes_per_param, choose
+
+    assert bytes_per_param(compose(["trainer=auto"])) == 16  # fp32 weights + gradients + AdamW's two moments
+    assert bytes_per_param(compose(["trainer=auto", "trainer.auto.bytes_per_param=12"])) == 12
+
+    def pick(t, world, n_params, gpu_memory):  # 16 bytes per parameter: AdamW's training state
+        return choose(t, world, n_params, gpu_memory, bytes_per_param=16)[0]
 
     t = compose(["trainer=auto"]).trainer
     h200, a100_40 = 141e9, 40e9
-    assert choose(t, 1, 353_500_000, h200)[0] == "single"
-    assert choose(t, 2, 353_500_000, h200)[0] == "ddp"  # 5.7 GB < 56 GB
-    assert choose(t, 8, 772_200_000, h200)[0] == "ddp"
-    assert choose(t, 8, 7_000_000_000, h200)[0] == "fsdp"  # 112 GB > 56 GB
-    assert choose(t, 8, 1_500_000_000, a100_40)[0] == "fsdp"  # 24 GB > 16 GB
-    assert choose(t, 2, 7_000_000_000, None)[0] == "ddp"  # no GPU
-    assert choose(OmegaConf.merge(t, {"strategy": "fsdp"}), 2, 1, h200)[0] == "fsdp"  # explicit wins
+    assert pick(t, 1, 353_500_000, h200) == "single"
+    assert pick(t, 2, 353_500_000, h200) == "ddp"  # 5.7 GB < 56 GB
+    assert pick(t, 8, 772_200_000, h200) == "ddp"
+    assert pick(t, 8, 7_000_000_000, h200) == "fsdp"  # 112 GB > 56 GB
+    assert pick(t, 8, 1_500_000_000, a100_40) == "fsdp"  # 24 GB > 16 GB
+    assert pick(t, 2, 7_000_000_000, None) == "ddp"  # no GPU
+    assert pick(OmegaConf.merge(t, {"strategy": "fsdp"}), 2, 1, h200) == "fsdp"  # explicit wins
 
 
 def test_sharded_checkpoint_needs_fsdp_or_consolidation(tmp_path):
-    from pelab.train.strategy import replace_dir, resume_format_problem
+    from pelab.train.checkpoints import replace_dir, resume_format_problem
 
     d = tmp_path / "step-00000004.ckpt"
     d.mkdir()

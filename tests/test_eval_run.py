@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_root) -> Path:
     """4 steps of gpt_tiny + RoPE with periodic ppl evaluation every 2 steps and val/loss at step 4."""
-    from pelab.train.__main__ import run
     from pelab.train.config import compose
+    from pelab.train.run import run
 
     run_dir = tmp_path_factory.mktemp("eval_run")
     cfg = compose(
@@ -113,7 +113,7 @@ def test_periodic_eval_metrics_reach_metrics_csv(tiny_run):
 
 
 def test_ppl_at_training_length_equals_val_loss_and_is_deterministic(tiny_run, tmp_path):
-    from pelab.train.eval.__main__ import run_eval
+    from pelab.train.eval.run import run_eval
 
     val = [float(r["val/loss"]) for r in _rows(tiny_run) if r.get("val/loss") and int(r["step"]) == 4][0]
     cfg = _eval_cfg(f"checkpoint={tiny_run}", "suite=ppl_vs_length", "ppl.multiples=[1,2]", f"eval.out_dir={tmp_path}")
@@ -199,7 +199,7 @@ def test_cli_runs_every_suite_offline(tiny_run, tmp_path):
 
 
 def test_context_extension_overrides(tiny_run, tmp_path):
-    from pelab.train.eval.__main__ import run_eval
+    from pelab.train.eval.run import run_eval
 
     base = ["suite=ppl_vs_length", "ppl.multiples=[1,4]", f"eval.out_dir={tmp_path}", "eval.limit=2"]
     plain = run_eval(_eval_cfg(f"checkpoint={tiny_run / 'checkpoints' / 'last.ckpt'}", *base))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pelab.data import hub
 from pelab.train.eval import tasks as T
 from pelab.train.eval.zeroshot import FnModel, Scorer, mc_predictions, rolling_windows, score_task
 
@@ -313,25 +314,23 @@ def test_local_files_hub_code_path_and_fail_fast(tmp_path, monkeypatch):
     assert T.load_hub_rows("json", None, "train", data_files=str(f)) == rows
     # An unreachable hub fails in seconds with the hint, instead of hanging in retries.
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    T._hub_reachable.cache_clear()
+    hub.connection_problem.cache_clear()
     t0 = time.perf_counter()
-    with pytest.raises(T.HubUnreachable, match="eval.data_dir="):
-        T.require_hub(timeout=2)
     from pelab.train.eval.zeroshot import run_zeroshot
 
-    with pytest.raises(T.HubUnreachable):
+    with pytest.raises(hub.HubUnreachable, match="eval.data_dir="):
         run_zeroshot(None, {"tasks": ["arc_easy"], "files": {}}, data_dir=None, hub_timeout=2)
     assert time.perf_counter() - t0 < 10
     # With a data_dir, a task without a local copy is skipped cleanly.
     res = run_zeroshot(None, {"tasks": ["boolq"], "files": {}}, data_dir=str(tmp_path), hub_timeout=2)
     assert res["tasks"]["boolq"]["skipped"].startswith("not available offline")
-    T._hub_reachable.cache_clear()
+    hub.connection_problem.cache_clear()
 
 
 def test_offline_bundle_loads_every_task_with_its_split(monkeypatch):
     data = needs_shared_eval()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    T._hub_reachable.cache_clear()
+    hub.connection_problem.cache_clear()
     want = {
         "arc_easy": (2376, "test"),
         "arc_challenge": (1172, "test"),
@@ -352,7 +351,7 @@ def test_offline_bundle_loads_every_task_with_its_split(monkeypatch):
     assert arc.requests[0][0].startswith("Question: ") and arc.requests[0][0].endswith("\nAnswer:")
     with pytest.raises(T.TaskUnavailable, match="not available offline"):
         T.load_docs(T.TASKS["boolq"], data_dir=str(data))
-    T._hub_reachable.cache_clear()
+    hub.connection_problem.cache_clear()
 
 
 # ---- retrieval, perplexity windows, context extension ----------------------------------------------

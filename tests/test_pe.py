@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from pelab.models.attention import CausalSelfAttention
 from pelab.models.config import GPTConfig
 from pelab.models.gpt import GPT
@@ -18,30 +17,25 @@ from pelab.models.kernels.bias import LowRankBias, PathSumBias
 from pelab.models.kernels.reference import chunked_attention, dense_attention
 from pelab.models.pe import available
 from pelab.models.pe.alibi import alibi_slopes
+from pelab.models.pe.common import repeat_kv
 from pelab.models.pe.reference import reference_output, reference_scores
+from pelab.train.config import CONF_DIR, compose, to_dict
 
-CONF_PE = Path(__file__).resolve().parent.parent / "conf" / "pe"
-ALL_PES = [
-    "nope",
-    "rope",
-    "ropepp_eh",
-    "ropepp_ec",
-    "grape_m",
-    "grape_m_ctx",
-    "grape_a_q",
-    "grape_a_k",
-    "grape_a_qk",
-    "grape_ap",
-    "alibi",
-    "fox",
-]
+from tests.conftest import REPO
+
+# Every registered PE: a PE missing from a hand-written list cannot escape the tests below.
+ALL_PES = available()
+
+
+@functools.cache
+def _shipped(name: str) -> tuple:
+    return tuple(to_dict(compose([f"pe={name}"]).pe).items())
 
 
 def pe_spec(name: str, **overrides) -> dict:
-    """The PE's conf/pe/<name>.yaml (so the shipped knobs are what is tested) plus overrides."""
-    spec = OmegaConf.to_container(OmegaConf.load(CONF_PE / f"{name}.yaml"), resolve=True)
-    spec.update(overrides)
-    return spec
+    """The PE's composed config (conf/pe/<name>.yaml over its constructor defaults: the shipped knobs)
+    plus overrides."""
+    return {**dict(_shipped(name)), **overrides}
 
 
 # (test id, spec): every shipped config plus the documented options.
@@ -116,7 +110,7 @@ def reference_forward(attn: CausalSelfAttention, x: torch.Tensor, positions: tor
     q, k, v = normed_heads(attn, x)
     scores = reference_scores(attn.pe, q, k, x, positions).double()
     H = scores.shape[1]
-    v = v[:, :, torch.arange(H) // (H // v.shape[2])].double()
+    v = repeat_kv(v, H, dim=2).double()
     y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
     y = reference_output(attn.pe, y, x)
     return y.flatten(2) @ attn.o_proj.weight.double().T
@@ -126,7 +120,7 @@ def fast_scores(attn: CausalSelfAttention, x: torch.Tensor, positions: torch.Ten
     """The scores the kernel sees (q.k/sqrt(D) + bias tiles), lower triangle valid."""
     q, k, v, bias = attn.project(x, positions)
     H = q.shape[2]
-    k = k[:, :, torch.arange(H) // (H // k.shape[2])]
+    k = repeat_kv(k, H, dim=2)
     s = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(q.shape[-1])
     return s if bias is None else s + bias.dense()
 
@@ -151,8 +145,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---- registry and configs -------------------------------------------------------------------------
 
 
-def test_every_pe_is_registered_and_has_a_config():
-    assert set(ALL_PES) <= set(available())
+def test_every_registered_pe_has_a_config_and_every_config_a_pe():
+    assert sorted(p.stem for p in (CONF_DIR / "pe").glob("*.yaml")) == ALL_PES
     for name in ALL_PES:
         assert pe_spec(name)["name"] == name
 
@@ -557,7 +551,7 @@ def test_grape_extra_params_match_the_notes(model, d, H, L):
     )
 
 
-@pytest.mark.parametrize("model", ["gpt_tiny", "gpt_355m", "gpt_770m", "gpt_776m"])
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
 def test_describe_works_for_every_pe_on_every_backbone(model):
     for pe in ALL_PES:
         info = _describe(model, pe)
@@ -647,3 +641,46 @@ def test_pe_traces_under_torch_compile(variant):
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
     for n, p in attn.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+# ---- the README's tables ---------------------------------------------------------------------------
+
+
+def _readme_table(header: str) -> list[str]:
+    """The first-column cells of the README table whose header row starts with `header`."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1])
+    return rows
+
+
+def test_readme_tables_list_every_registered_pe():
+    for header in ("| PE (`pe=`) |", "| PE | gpt_355m |"):
+        named = {n for cell in _readme_table(header) for n in re.findall(r"`([a-z_0-9]+)`", cell)}
+        named.discard("kv_shift")
+        assert named == set(ALL_PES), (header, named ^ set(ALL_PES))
+
+
+# ---- weight decay ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_PES)
+def test_weight_decay_groups_are_the_models_own(name):
+    """No decay on the norm gains and the parameters each PE names (GPT.no_weight_decay); the groups keep
+    the order and content of the earlier rule (norms and parameters named *bias), so optimizer states
+    in checkpoints written before map onto the same parameters."""
+    from pelab.models.attention import RMSNorm
+    from pelab.train.optim import build, optim_config
+
+    model = GPT(tiny_cfg(pe_spec(name), kv_shift=True))
+    opt, _ = build(model, optim_config({"name": "adamw"}), max_steps=10)
+    decay, no_decay = (g["params"] for g in opt.param_groups)
+    norms = {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+    before = [p for n, p in model.named_parameters() if id(p) in norms or n.endswith("bias")]
+    assert [id(p) for p in no_decay] == [id(p) for p in before]
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]

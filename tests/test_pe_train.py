@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from pelab.models.config import GPTConfig
 from pelab.models.gpt import GPT
-from pelab.train.config import compose, to_dict
+from pelab.models.pe import available
+from pelab.train.config import compose, model_config
 
-from tests.test_pe import ALL_PES
+ALL_PES = available()
 
 VOCAB, T, B, STEPS = 64, 32, 8, 25
 
@@ -23,10 +23,8 @@ ARMS = [(pe, []) for pe in ALL_PES] + [
 
 
 def tiny_model(pe: str, overrides: list[str]) -> GPT:
-    cfg = compose(["model=gpt_tiny", f"pe={pe}", *overrides])
-    d = to_dict(cfg.model)
-    d.update(vocab_size=VOCAB, pe=to_dict(cfg.pe), kv_shift=bool(cfg.kv_shift), loss_chunk_rows=0)
-    return GPT(GPTConfig.from_dict(d))
+    cfg = compose(["model=gpt_tiny", f"pe={pe}", "model.loss_chunk_rows=0", *overrides])
+    return GPT(model_config(cfg, vocab_size=VOCAB))
 
 
 def batch(gen: torch.Generator, perm: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from omegaconf import OmegaConf
 from pelab.data import prepare as prep
-from pelab.data.prepare import HubUnreachableError, ResumeState, ShardPacker, prepare, write_shards
+from pelab.data import writer
+from pelab.data.hub import HubUnreachable
+from pelab.data.prepare import prepare
 from pelab.data.sampler import TrainWindows
 from pelab.data.shards import MANIFEST, ShardError, find_shards, load_manifest, read_shard
 from pelab.data.tokenizer import load_tokenizer
+from pelab.data.writer import ResumeState, ShardPacker, write_shards
+from pelab.train.config import compose
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD_TOKENS = 20_000
@@ -57,9 +60,8 @@ def fineweb_parquet(tmp_path_factory) -> Path:
 
 
 def fineweb_cfg(out_dir, **overrides):
-    """conf/data/fineweb_edu.yaml with test-sized overrides."""
-    yaml = OmegaConf.load(REPO / "conf/data/fineweb_edu.yaml")
-    cfg = OmegaConf.create({"paths": {"data": str(out_dir)}, "data": yaml})
+    """The composed `data=fineweb_edu` config with test-sized overrides."""
+    cfg = compose(["data=fineweb_edu", f"paths.data={out_dir}"])
     cfg.data.merge_with({"dir": str(out_dir), "shard_tokens": SHARD_TOKENS, "num_proc": 1, **overrides})
     return cfg.data
 
@@ -107,7 +109,7 @@ def test_prepare_real_fineweb_rows_from_local_parquet(fineweb_parquet, tmp_path)
     assert manifest["source"] == {"local_files": [str(fineweb_parquet)]}
     for shard in manifest["shards"]:
         assert shard["sha256"] == hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest()
-    assert not (out / prep.STATE).exists()
+    assert not (out / writer.STATE).exists()
 
     sampler = TrainWindows(train, seq_len=256, seed=0)
     windows = sampler.windows(0, np.arange(64))
@@ -137,7 +139,7 @@ def test_interrupted_prepare_resumes_byte_for_byte(fineweb_parquet, tmp_path, mo
             prepare(cfg)
         monkeypatch.undo()
     assert not (out / MANIFEST).exists()
-    state = json.loads((out / prep.STATE).read_text())
+    state = json.loads((out / writer.STATE).read_text())
     assert state["next_shard"] == 2 and 0 < state["docs_done"] < 150
     assert state["doc_offset"] > 0  # the resume point is inside a document split across shards 1 and 2
     assert sorted(p.name for p in out.glob("*.bin")) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
@@ -179,7 +181,7 @@ def test_packer_records_partial_documents(tmp_path):
     packer = ShardPacker(tmp_path, "t", np.uint16, shard_tokens=4, val_shard_tokens=4, start=ResumeState(), settings={})
     packer.add(np.arange(3))
     packer.add(np.arange(10, 16))  # fills shard 0 with 1 token, shard 1 with 4, 1 token left
-    state = json.loads((tmp_path / prep.STATE).read_text())
+    state = json.loads((tmp_path / writer.STATE).read_text())
     assert (state["docs_done"], state["next_shard"], state["doc_offset"]) == (1, 2, 5)
 
 
@@ -211,7 +213,7 @@ def test_unreachable_hub_fails_fast_pointing_at_local_files(tmp_path, monkeypatc
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     start = time.monotonic()
-    with pytest.raises(HubUnreachableError) as err:
+    with pytest.raises(HubUnreachable) as err:
         prepare(fineweb_cfg(tmp_path / "out"))
     assert time.monotonic() - start < 30
     assert "unreachable" in str(err.value) and "data.local_files=" in str(err.value) and "`text`" in str(err.value)

@@ -17,6 +17,7 @@ import yaml
 from pelab.train import groups as G
 from pelab.train import report, report_plots
 from pelab.train.loggers import read_wandb_offline, read_wandb_records
+from pelab.train.runs import group_runs, layer_keys, load_run, load_runs, read_metrics, runs_from_wandb, spike_points
 
 from tests.conftest import REPO, TINY
 
@@ -198,7 +199,7 @@ def test_per_run_metrics_are_exact(tmp_path):
             }
         )
     )
-    runs = report.load_runs([root])
+    runs = load_runs([root])
     v0, v1 = (report.run_values(r, last_k=3, target_loss=6.0) for r in runs)
     # val loss 9.5 - step/25 at steps 20..100: 8.7, 7.9, 7.1, 6.3, 5.5
     assert v0["final_val_loss"] == pytest.approx(5.5) and v0["best_val_loss"] == pytest.approx(5.5)
@@ -267,7 +268,7 @@ def test_baseline_is_the_same_model_and_welch_when_seeds_differ(tmp_path, capsys
             fake_run(root, config("fox", s, model), shift - 0.1 + 0.012 * s)
     for s in (7, 8, 9):  # other seeds: no pairing with rope
         fake_run(root, config("alibi", s, "gpt_355m"), -0.2 + 0.01 * s)
-    doc, *_ = report.build(report.load_runs([root]))
+    doc, *_ = report.build(load_runs([root]))
     diffs = {(d["group"], d["metric"]): d for d in doc["differences"]}
     assert diffs[("gpt_355m/fox", "final_val_loss")]["baseline"] == "gpt_355m/rope"
     assert diffs[("gpt_770m/fox", "final_val_loss")]["baseline"] == "gpt_770m/rope"
@@ -277,7 +278,7 @@ def test_baseline_is_the_same_model_and_welch_when_seeds_differ(tmp_path, capsys
     assert "Welch t, n=3 vs 3" in welch["sentence"]
     assert [g["label"] for g in doc["groups"][:2]] == ["gpt_355m/rope", "gpt_770m/rope"]
 
-    doc, *_ = report.build(report.load_runs([root]), baseline="pe=fox")
+    doc, *_ = report.build(load_runs([root]), baseline="pe=fox")
     assert {d["baseline"] for d in doc["differences"]} == {"gpt_355m/fox", "gpt_770m/fox"}
     out = tmp_path / "out"
     assert report.main([str(root), "--out", str(out), "--baseline", "pe=nope"]) == 2
@@ -405,7 +406,7 @@ def test_plots_have_seed_bands_distinct_styles_and_the_expected_size(tmp_path):
         "differences.png",
     ]
     assert all(f"![{p}]({p})" in (out / "report.md").read_text() for p in doc["plots"])
-    groups = report.group_runs(report.load_runs([root]))
+    groups = group_runs(load_runs([root]))
     xs, mean, lo, hi = report_plots.band(groups[0].runs, "train/loss")
     assert (
         xs[0] == 10 * 512 and mean[0] == pytest.approx(9.5) and (lo[0], hi[0]) == pytest.approx((0.9 * 9.5, 1.1 * 9.5))
@@ -416,12 +417,12 @@ def test_plots_have_seed_bands_distinct_styles_and_the_expected_size(tmp_path):
 
 
 def test_spike_markers_and_merged_probe_rows(tmp_path):
-    run = report.load_run(fake_run(tmp_path, config("rope", 0), spike_at=60))
-    assert report.spike_points(run) == [(60 * 512, 1.0 * (10 - 60 / 20) + 0.5)]
+    run = load_run(fake_run(tmp_path, config("rope", 0), spike_at=60))
+    assert spike_points(run) == [(60 * 512, 1.0 * (10 - 60 / 20) + 0.5)]
     assert run.label == "gpt_tiny-rope-s0" and run.offsets["step"] == 100
     row40 = next(r for r in run.rows if r["step"] == 40)
     assert row40["attn/max_logit/L2"] == 2.0 and row40["train/loss"] == 8.0  # metrics + probes of one step
-    assert report.layer_keys([run]) == ["attn/max_logit/L0", "attn/max_logit/L1", "attn/max_logit/L2"]
+    assert layer_keys([run]) == ["attn/max_logit/L0", "attn/max_logit/L1", "attn/max_logit/L2"]
 
 
 def test_report_command_line_errors_are_clear(tmp_path, capsys):
@@ -441,10 +442,10 @@ class FakeRun:
         self.config = yaml.safe_load((run_dir / "config.yaml").read_text())  # the resolved config, as logged
         self.summary = {"final/val_loss": 1.0}
         # What LoggerBridge / StabilityMonitor send: grouped names, one history row per log call.
-        from pelab.train.stability import grouped
+        from pelab.train.metrics import grouped
 
         self._rows = []
-        for i, r in enumerate(report.read_metrics(run_dir)):
+        for i, r in enumerate(read_metrics(run_dir)):
             probe_keys = [k for k in r if k.startswith("attn/")]
             main = grouped({k: v for k, v in r.items() if k not in probe_keys and k != "step"})
             self._rows.append({**main, "trainer/global_step": int(r["step"]), "_step": 2 * i, "_runtime": 1.0})
@@ -477,9 +478,9 @@ def test_wandb_gives_the_same_grouped_report(tmp_path, monkeypatch, no_plots):
     root = known_sweep(tmp_path / "sweep", {"rope": 0.0, "alibi": -0.05}, seeds=range(3))
     dirs = sorted(p for p in root.iterdir())
     api = FakeApi([FakeRun(d, f"id{i}") for i, d in enumerate(dirs)])
-    runs = report.runs_from_wandb("me/pelab/sweep-1", api=api)
+    runs = runs_from_wandb("me/pelab/sweep-1", api=api)
     assert api.calls == [("me/pelab", {"group": "sweep-1"})]
-    local, *_ = report.build(report.load_runs([root]))
+    local, *_ = report.build(load_runs([root]))
     remote, *_ = report.build(runs)
     assert [g["label"] for g in remote["groups"]] == [g["label"] for g in local["groups"]] == ["rope", "alibi"]
     for lg, rg in zip(local["groups"], remote["groups"]):
@@ -670,7 +671,7 @@ def test_report_on_the_sweep(sweep, tmp_path):
 
 
 def test_resumed_run_continues_the_same_wandb_run(sweep, tiny_cfg):
-    from pelab.train.__main__ import run
+    from pelab.train.run import run
 
     cell = sweep / "0-rope-s0"  # hydra.sweep.subdir=${hydra.job.num}-${pe.name}-s${seed}
     run_id = (cell / "wandb_id.txt").read_text().strip()

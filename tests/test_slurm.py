@@ -75,7 +75,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The embedded data built once, before any job (jobs of a sweep would otherwise all build it at once)."""
-    from pelab.data.sample import ensure_prepared
+    from pelab.data.ready import ensure_prepared
     from pelab.train.config import compose
 
     d = tmp_path_factory.mktemp("slurm_data")

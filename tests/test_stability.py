@@ -13,6 +13,9 @@ import torch
 from pelab.models.config import GPTConfig
 from pelab.models.gpt import GPT
 from pelab.models.kernels import attend
+from pelab.models.pe.common import repeat_kv
+from pelab.train.metrics import MetricSink
+from pelab.train.schema import MonitorConfig
 from pelab.train.stability import (
     SpikeDetector,
     StabilityMonitor,
@@ -52,7 +55,7 @@ def layer_inputs(model: GPT, idx: torch.Tensor) -> list[tuple]:
 def dense_scores(q, k, bias) -> torch.Tensor:
     """(B, H, T, T) causal scores, -inf above the diagonal, bias anchored at its diagonal."""
     B, T, H, D = q.shape
-    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    k = repeat_kv(k, H, dim=2)
     s = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) / math.sqrt(D)
     if bias is not None:
         b = bias.dense().double()
@@ -72,7 +75,7 @@ def test_max_logit_and_entropy_match_a_dense_recomputation(pe):
         s = dense_scores(q, k, bias)
         p = s.softmax(-1)
         # The anchored scores are the ones the kernel uses (up to per-row constants): same attention output.
-        out = torch.einsum("bhij,bjhd->bihd", p, v.repeat_interleave(q.shape[2] // v.shape[2], dim=2).double())
+        out = torch.einsum("bhij,bjhd->bihd", p, repeat_kv(v, q.shape[2], dim=2).double())
         torch.testing.assert_close(out.float(), attend(q, k, v, bias, backend="eager"), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(st["max_logit"], s.amax(dim=(0, 2, 3)).float(), atol=1e-5, rtol=1e-5)
         ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1).mean(dim=(0, 2))
@@ -102,7 +105,7 @@ def test_document_masked_probes_see_only_their_document():
         st = attention_stats(q, k, bias, chunk=16, score_map=True, doc_ids=docs)
         s = dense_scores(q, k, bias).masked_fill(~same_document(docs, docs), float("-inf"))
         p = s.softmax(-1)
-        out = torch.einsum("bhij,bjhd->bihd", p, v.repeat_interleave(q.shape[2] // v.shape[2], dim=2).double())
+        out = torch.einsum("bhij,bjhd->bihd", p, repeat_kv(v, q.shape[2], dim=2).double())
         torch.testing.assert_close(
             out.float(), attend(q, k, v, bias, backend="eager", doc_ids=docs), atol=1e-5, rtol=1e-4
         )
@@ -243,18 +246,20 @@ def test_param_grad_and_update_rms_match_a_manual_adamw_step(tmp_path):
     trainer = SimpleNamespace(
         global_step=0,
         max_steps=1,
+        global_rank=0,
         is_global_zero=True,
         loggers=[],
         datamodule=SimpleNamespace(val_windows=_Windows()),
         precision_plugin=SimpleNamespace(forward_context=nullcontext),
     )
     module = SimpleNamespace(model=model, tokens_per_step=32, step_stats=SimpleNamespace(last_grad_norm=pre))
-    mon = StabilityMonitor(tmp_path, probe_every=1, nr_every=0, probe_batch=2)
+    sink = MetricSink(tmp_path, tokens_per_step=32)
+    mon = StabilityMonitor(tmp_path, MonitorConfig(probe_every=1, nr_every=0, probe_batch=2), sink)
     mon.on_before_optimizer_step(trainer, module, opt)
     opt.step()
     trainer.global_step = 1
     mon.on_train_batch_end(trainer, module, None, None, 0)
-    row = mon.rows[1]
+    row = sink.rows("probes")[1]
 
     groups: dict[str, list[str]] = {}
     for n, _ in model.named_parameters():
@@ -360,7 +365,7 @@ def test_skip_spikes_leaves_parameters_unchanged_on_the_spiking_step(tiny_cfg, t
         tokens_per_step=512,
         flops_per_token=1.0,
         log_every=2,
-        monitor={"enabled": True, "spike_window": 8, "spike_sigma": 6.0},
+        monitor=MonitorConfig(spike_window=8),
     )
     dm = TokenDataModule(cfg.data, seq_len=64, micro_batch_size=4, accum_steps=2, seed=0)
     trainer = L.Trainer(

@@ -85,7 +85,7 @@ def test_mismatched_vocab_files_are_refused(tmp_path):
     lines = (data_dir / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     lines[1], lines[2] = lines[2], lines[1]  # swap the first two merges
     (tmp_path / "vocab.bpe").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="disagree at merge 0"):
+    with pytest.raises(ValueError, match="disagree"):
         load_tokenizer("gpt2", str(tmp_path))
 
 

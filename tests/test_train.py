@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from pelab.train.__main__ import ConfigError, run
+from pelab.train.config import ConfigError
+from pelab.train.run import run
 
 from tests.conftest import REPO, TINY, scale_loss
 

@@ -1,21 +1,51 @@
-"""Config helpers shared by every command line: resolvers, composition, and the model config."""
+"""The config of every pelab command: schemas for Hydra, composition, one-line errors, the model config.
+
+`register_schemas()` stores the schema of every config group in Hydra's ConfigStore: the dataclasses
+of train/schema.py, a PE's options from its constructor (`schema/pe/<name>`), an optimizer's from its
+function (`schema/optim/<name>`) and the eval suites' option blocks (`eval_schema`); conf/config.yaml
+and conf/eval.yaml list them first in their defaults, so every YAML file and override is checked
+against them while Hydra composes. `compose()` is what the commands see; `hydra_entry()` runs a
+command under Hydra and reports a config problem as one line with exit status 2.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from pelab.data.tokenizer import tokenizer_from_cfg
+from pelab.models import pe as pe_registry
 from pelab.models.config import GPTConfig
+from pelab.train import optim
+from pelab.train.eval import suites
+from pelab.train.schema import EvalRunConfig, TrainConfig, options_dataclass
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config problem found before any heavy work; the message names the fix."""
+
+
+# ---- resolvers -------------------------------------------------------------------------------------
 
 
 def short_dirname(name: str, limit: int = 200) -> str:
     """A sweep cell's directory name (its overrides), cut to fit file-system limits (255 bytes) with a
     hash of the full name so distinct cells stay distinct."""
-    import hashlib
-
     if len(name.encode()) <= limit:
         return name
     return name.encode()[: limit - 9].decode(errors="ignore") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
@@ -24,30 +54,112 @@ def short_dirname(name: str, limit: int = 200) -> str:
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("pelab.if", lambda cond, a, b: a if cond else b, replace=True)
     OmegaConf.register_new_resolver("pelab.dirname", short_dirname, replace=True)
+    # Every registered PE, comma-separated: the PE matrix of conf/sweep/pe_matrix.yaml.
+    OmegaConf.register_new_resolver("pelab.pe_names", lambda: ",".join(pe_registry.available()), replace=True)
+
+
+# ---- schemas -----------------------------------------------------------------------------------------
+
+
+def pe_schema(name: str) -> type:
+    """The `pe` group's schema for PE `name`: its name and constructor options."""
+    return options_dataclass(f"PE_{name}", [("name", str, name), *pe_registry.options(name)])
+
+
+def eval_schema() -> type:
+    """The root of `python -m train.eval`: the run options plus one options block per eval suite."""
+    blocks = [(s.options_key, s.Options, s.Options()) for s in suites.SUITES.values()]
+    return options_dataclass("EvalConfig", blocks, bases=(EvalRunConfig,))
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (again: PEs and optimizers registered since count too)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=eval_schema())
+    for name in pe_registry.available():
+        cs.store(group="schema/pe", name=name, node=pe_schema(name))
+    for name in optim.available():
+        cs.store(group="schema/optim", name=name, node=optim.optim_schema(name))
 
 
 register_resolvers()
+register_schemas()
+
+
+# ---- composition and errors --------------------------------------------------------------------------
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """The config `python -m train <overrides>` would see (without Hydra's runtime keys)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
+    """The config `python -m train <overrides>` (config_name="eval": `python -m train.eval`) would see,
+    without Hydra's runtime keys. Inside a running Hydra app (the periodic evaluation) the app's
+    Hydra state is used as it is."""
+    register_schemas()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def config_error_message(e: BaseException) -> str | None:
+    """One line for a config problem (unknown key, wrong type, unknown choice, bad override syntax,
+    ConfigError), naming the key and, for an unknown key, the valid ones. None for any other error."""
+    if isinstance(e, ConfigError):
+        return str(e)
+    if not isinstance(e, (HydraException, OmegaConfBaseException)):
+        return None
+    cause = e if isinstance(e, OmegaConfBaseException) else (e.__cause__ or e.__context__)
+    if isinstance(e, MissingConfigException) or not isinstance(cause, OmegaConfBaseException):
+        text = str(e).split("\nConfig search path")[0]
+        return _one_line(text.replace(":\n\t", ": ").replace("\n\t", ", ").replace("\n\n", ". "))
+    head = str(e).splitlines()[0].rstrip(":. ") if isinstance(e, HydraException) else ""
+    head = re.sub(r"^(In '[^']*'): \w+ raised while composing config$", r"\1", head)
+    full_key = getattr(cause, "full_key", None) or ""
+    node = getattr(cause, "parent_node", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and isinstance(node, DictConfig):
+        where = full_key.rpartition(".")[0] or "the config"
+        detail = f"'{cause.key}' is not a key of {where}; valid keys: {', '.join(map(str, node.keys()))}"
+    elif isinstance(cause, ValidationError):
+        detail = f"{_one_line(cause.msg.splitlines()[0])} (key {full_key})"
+    else:
+        detail = _one_line(getattr(cause, "msg", None) or str(cause))
+    return f"{head}: {detail}" if head else detail
+
+
+def hydra_entry(task_function: Callable[[DictConfig], Any], config_name: str) -> Callable[[], None]:
+    """The command-line entry point running `task_function` under Hydra (overrides, `-m` multiruns,
+    launchers, sweep callbacks) on conf/<config_name>.yaml. A config problem prints one line and exits
+    with status 2 (set HYDRA_FULL_ERROR=1 for Hydra's own report)."""
+    hydra_main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task_function)
+
+    def main() -> None:
+        user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing; we print one line
+        try:
+            hydra_main()
+        except Exception as e:
+            message = None if user_wants_traceback else config_error_message(e)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return main
+
+
+# ---- the model ---------------------------------------------------------------------------------------
 
 
 def to_dict(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def vocab_size(cfg: DictConfig) -> int:
+def model_vocab_size(cfg: DictConfig) -> int:
     """Model vocabulary: `model.vocab_size` when set, else the configured tokenizer's."""
-    from pelab.data.tokenizer import tokenizer_from_cfg
-
     tok = cfg.data.tokenizer
     tokenizer_vocab = tokenizer_from_cfg(tok).vocab_size
     requested = cfg.model.get("vocab_size")
@@ -59,16 +171,17 @@ def vocab_size(cfg: DictConfig) -> int:
     return int(requested or tokenizer_vocab)
 
 
-def model_config(cfg: DictConfig) -> GPTConfig:
+def model_config(cfg: DictConfig, *, vocab_size: int | None = None) -> GPTConfig:
+    """The `GPTConfig` of a composed config (also of a run's saved config.yaml): the `model` group plus
+    the PE (`pe`), `kv_shift` and `trainer.attention_backend`; the vocabulary and the end-of-text id
+    default to the tokenizer's. `vocab_size` skips the tokenizer (synthetic data in tests)."""
     d = to_dict(cfg.model)
-    d["vocab_size"] = vocab_size(cfg)
+    d["vocab_size"] = vocab_size or model_vocab_size(cfg)
     d["pe"] = to_dict(cfg.pe)
     d["kv_shift"] = bool(cfg.kv_shift)
-    backend = cfg.get("trainer", {}).get("attention_backend") if "trainer" in cfg else None
+    backend = OmegaConf.select(cfg, "trainer.attention_backend")
     if backend:
         d["attention_backend"] = backend
     if d.get("document_mask") and d.get("eot_id") is None:  # documents begin with the tokenizer's eot
-        from pelab.data.tokenizer import tokenizer_from_cfg
-
         d["eot_id"] = tokenizer_from_cfg(cfg.data.tokenizer).eot_id
     return GPTConfig.from_dict(d)

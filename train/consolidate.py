@@ -24,28 +24,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+from pelab.train.checkpoints import AtomicCheckpointIO, is_sharded_checkpoint, replace_dir
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 
 def load_sharded(path: str | Path) -> dict:
     """The full Lightning checkpoint dict of a sharded (DCP) checkpoint directory."""
-    from pelab.train.strategy import is_sharded_checkpoint
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise ValueError(
             f"{path} is not a sharded checkpoint directory (expected meta.pt and DCP shard files); "
             f"a single-file checkpoint needs no consolidation"
         )
-    state: dict = {}
-    _load_state_dict(
-        state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(), no_dist=True
-    )
+    # torch's converter writes the shards' contents as one torch.save file (beside the checkpoint: the
+    # same disk), which is read back lazily and deleted.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "state.pt")
+        state = torch.load(Path(tmp) / "state.pt", map_location="cpu", weights_only=False, mmap=True)
     checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = {k: _plain(v) for k, v in state.pop("model").items()}
     optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
@@ -69,9 +68,6 @@ def _optimizer_state(osd: dict) -> dict:
 
 def consolidate(src: str | Path, out: str | Path) -> dict:
     """Write the single-file checkpoint of sharded checkpoint `src` to `out`; returns a summary."""
-    from pelab.train.callbacks import AtomicCheckpointIO
-    from pelab.train.strategy import replace_dir
-
     checkpoint = load_sharded(src)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

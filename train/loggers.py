@@ -1,4 +1,4 @@
-"""Lightning loggers from the `logger` config group. metrics.csv is written by a callback in every case.
+"""Lightning loggers from the `logger` config group. metrics.csv is written in every case (train/metrics.py).
 
 `logger=wandb`: one W&B run per training job, created on global rank 0 only. Project/entity from
 the config; group = the sweep (`logger.group`, else `experiment_name`, else $PELAB_SWEEP_ID, else
@@ -15,11 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+import string
 import struct
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from pelab.data.atomic import atomic_write_text
+from pelab.train.groups import job_type
+from pelab.train.metrics import SECTIONS
 
 log = logging.getLogger("pelab")
 
@@ -37,8 +46,6 @@ def wandb_mode(requested: str) -> str:
 
 
 def _global_rank() -> int:
-    from lightning.pytorch.utilities import rank_zero_only
-
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
@@ -50,19 +57,13 @@ def sweep_group(cfg: DictConfig) -> str | None:
         return str(cfg.experiment_name)
     if os.environ.get("PELAB_SWEEP_ID"):
         return os.environ["PELAB_SWEEP_ID"]
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if HydraConfig.initialized():
-            hc = HydraConfig.get()
-            experiment = hc.runtime.choices.get("experiment")
-            if experiment and experiment != "null":
-                return str(experiment)
-            if hc.mode == RunMode.MULTIRUN:
-                return f"multirun-{Path(hc.sweep.dir).name}"
-    except Exception:  # noqa: BLE001  (no Hydra runtime: tests, scripts)
-        pass
+    if HydraConfig.initialized():  # else no Hydra runtime: tests, scripts
+        hc = HydraConfig.get()
+        experiment = hc.runtime.choices.get("experiment")
+        if experiment and experiment != "null":
+            return str(experiment)
+        if hc.mode == RunMode.MULTIRUN:
+            return f"multirun-{Path(hc.sweep.dir).name}"
     return None
 
 
@@ -77,10 +78,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         raise ValueError(f"unknown logger {cfg.logger.name!r}; choose logger=csv or logger=wandb")
     if _global_rank() != 0:  # one W&B run per job: only global rank 0 logs (and owns wandb_id.txt)
         return []
-    from lightning.pytorch.loggers import WandbLogger
-    from omegaconf import OmegaConf
-    from pelab.train.groups import job_type
-
     mode = wandb_mode(cfg.logger.mode)
     if mode == "offline":
         log.warning(
@@ -93,21 +90,15 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if id_file.exists():
         run_id = id_file.read_text().strip()
     else:
-        import secrets
-        import string
-
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id format
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = id_file.with_name(id_file.name + ".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, id_file)
+        atomic_write_text(id_file, run_id + "\n")
     # The group too: a run resumed outside its sweep (a plain `python -m train` in the cell's dir) stays in it.
     group_file = run_dir / "wandb_group.txt"
     group = sweep_group(cfg)
     if group is None and group_file.exists():
         group = group_file.read_text().strip() or None
     elif group is not None and not group_file.exists():
-        group_file.write_text(group + "\n")
+        atomic_write_text(group_file, group + "\n")
     return [
         WandbLogger(
             project=cfg.logger.project,
@@ -126,8 +117,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def _wandb_loggers(loggers) -> list:
-    from lightning.pytorch.loggers import WandbLogger
-
     return [lg for lg in loggers if isinstance(lg, WandbLogger)]
 
 
@@ -136,8 +125,6 @@ class WandbRun(L.Callback):
     training dies, so the next run in the same process (a Hydra multirun) gets its own."""
 
     def on_fit_start(self, trainer, pl_module):
-        from pelab.train.stability import SECTIONS
-
         for lg in _wandb_loggers(trainer.loggers):
             exp = lg.experiment
             if not hasattr(exp, "define_metric"):
@@ -171,7 +158,7 @@ def log_offset_curves(loggers, doc: dict) -> None:
     wl = _wandb_loggers(loggers)
     if not wl:
         return
-    import wandb
+    import wandb  # heavy (~1 s); only with logger=wandb
 
     offsets = doc["offsets"]
     layers = doc["layers"]
@@ -200,6 +187,7 @@ def log_offset_curves(loggers, doc: dict) -> None:
 def read_wandb_records(path: Path) -> list:
     """Protobuf records of a W&B transaction log (`run-<id>.wandb`): a 7-byte header (":W&B", magic,
     version), then LevelDB-style 32 KiB blocks of records (crc32 4, length 2, type 1: full/first/middle/last)."""
+    # wandb's own record format (its internal protobuf module): offline runs read back by tests and reports.
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()

@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
-from functools import partial
 
 import lightning as L
 import numpy as np
 import torch
-from pelab.models.attention import RMSNorm
+from omegaconf import DictConfig
 from pelab.models.config import GPTConfig
 from pelab.models.gpt import GPT
-from pelab.train.schedule import lr_multiplier
-
-# Dense bf16 peak FLOP/s by device name fragment (MFU denominators; torchtitan's table).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+from pelab.train import optim
+from pelab.train.metrics import peak_flops
+from pelab.train.schema import MonitorConfig
+from pelab.train.stability import StepStats
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 
 def _numpy_state_to_list() -> list:
@@ -54,10 +48,13 @@ class TrainGPT(GPT):
 
 
 class LMModule(L.LightningModule):
+    """`optim_cfg`: the `optim` config node (or a dict checked against its optimizer's schema); `monitor`:
+    the `monitor` node, None for no monitoring (optim.skip_spikes then uses the default spike rule)."""
+
     def __init__(
         self,
         model_cfg: GPTConfig,
-        optim: dict,
+        optim_cfg: Mapping | DictConfig,
         *,
         max_steps: int,
         tokens_per_step: int,
@@ -65,12 +62,12 @@ class LMModule(L.LightningModule):
         compile: bool = False,
         log_every: int = 10,
         stop_on_nonfinite: bool = True,
-        monitor: dict | None = None,
+        monitor: MonitorConfig | DictConfig | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
         self.model_cfg = model_cfg
-        self.optim_cfg = dict(optim)
+        self.optim_cfg = optim.optim_config(optim_cfg)
         self.max_steps = max_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
@@ -85,13 +82,11 @@ class LMModule(L.LightningModule):
         self._t_last = None
         self._step_last = 0
         # Stability monitoring (train/stability.py): per-step device stats, spike rule, optim.skip_spikes.
-        from pelab.train.stability import StepStats
-
-        mon = dict(monitor or {"enabled": False})
-        self.skip_spikes = bool(self.optim_cfg.get("skip_spikes", False))
+        mon = monitor if monitor is not None else MonitorConfig(enabled=False)
+        self.skip_spikes = bool(self.optim_cfg.skip_spikes)
         self.step_stats = (
-            StepStats(mon.get("spike_window", 128), mon.get("spike_sigma", 6.0), mon.get("spike_score_window", 10000))
-            if mon.get("enabled") or self.skip_spikes
+            StepStats(mon.spike_window, mon.spike_sigma, mon.spike_score_window)
+            if mon.enabled or self.skip_spikes
             else None
         )
         self._t_batch_end, self._data_wait = None, 0.0  # host time waiting for the next batch
@@ -105,24 +100,7 @@ class LMModule(L.LightningModule):
             self._compiled = True
 
     def configure_optimizers(self):
-        o = self.optim_cfg
-        decay, no_decay = [], []
-        norm_params = {id(p) for m in self.model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
-        for name, p in self.model.named_parameters():
-            (no_decay if id(p) in norm_params or name.endswith("bias") else decay).append(p)
-        groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda" or next(self.model.parameters()).is_cuda
-        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused or None)
-        decay_steps = o.get("decay_steps") or self.max_steps
-        fn = partial(
-            lr_multiplier,
-            schedule=o["schedule"],
-            warmup_steps=o["warmup_steps"],
-            decay_steps=decay_steps,
-            total_steps=self.max_steps,
-            min_ratio=o["min_lr"] / o["lr"],
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        opt, sched = optim.build(self.model, self.optim_cfg, self.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- training -----------------------------------------------------------------------------
@@ -132,7 +110,7 @@ class LMModule(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         accum = batch.shape[0]
-        z = float(self.optim_cfg.get("z_loss", 0.0))
+        z = float(self.optim_cfg.z_loss)
         loss_sum = torch.zeros((), device=self.device)
         lse_sum = torch.zeros((), device=self.device)
         lse_sq_sum = torch.zeros((), device=self.device)
@@ -145,7 +123,7 @@ class LMModule(L.LightningModule):
             loss_sum += out["loss"].detach()
             lse_sum += out["lse"].detach()
             lse_sq_sum += out["lse_sq"].detach()
-        clip = self.optim_cfg.get("grad_clip") or float("inf")
+        clip = self.optim_cfg.grad_clip or float("inf")
         grad_norm = self.clip_grad_norm(clip)
         loss, lse, lse_sq = loss_sum / accum, lse_sum / accum, lse_sq_sum / accum
         if self.trainer.world_size > 1:  # the global batch's means (no host sync): every rank's spike rule,
@@ -172,8 +150,6 @@ class LMModule(L.LightningModule):
         """Clip to `clip` and return the pre-clip norm of the whole (global) gradient. Under FSDP each
         rank holds a shard of every gradient, so the norm is FSDP's (an all-reduce over shards);
         under DDP every rank holds the full all-reduced gradient, so the local norm is global."""
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
         if isinstance(self.model, FSDP):  # the root unit (see train.strategy.PelabFSDPStrategy)
             return self.model.clip_grad_norm_(clip)
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from pelab.train.runs import layer_keys, series, spike_points
 
 # Figure sizes in pixels (width, height) at DPI; tests check them.
 DPI = 100
@@ -64,8 +65,6 @@ def band(runs, key: str, x: str = "tokens"):
 
 
 def _draw_bands(ax, groups, key, title, style, logy=False, marker=None, spikes=False, ylabel="") -> bool:
-    from pelab.train.report import spike_points
-
     drawn = False
     for g in groups:
         b = band(g.runs, key)
@@ -166,8 +165,6 @@ def _layer_figure(n_panels: int, n_groups: int):
 
 
 def plot_layers(groups, out_dir: Path) -> Path:
-    from pelab.train.report import layer_keys
-
     style = styles([g.label for g in groups])
     keys = layer_keys([r for g in groups for r in g.runs]) or ["attn/max_logit"]
     fig, axes, ncols = _layer_figure(len(keys), len(groups))
@@ -309,13 +306,11 @@ def plot_report(groups, doc: dict, metrics, out_dir: Path) -> list[Path]:
 
 def plot_runs(runs, out_png: Path) -> Path:
     """Train and validation loss against tokens, one colour per run (the per-run loss.png)."""
-    from pelab.train.report import _series, spike_points
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=DPI)
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
-        train, val = _series(run, "train/loss"), _series(run, "val/loss")
+        train, val = series(run, "train/loss"), series(run, "val/loss")
         if train:
             ax.plot(*zip(*train), color=color, label=f"{run.label} train", lw=1.2)
         if val:

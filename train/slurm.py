@@ -24,6 +24,7 @@ nodes, so the launcher config (or the #SBATCH lines) decides the world size.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -31,11 +32,18 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from omegaconf import open_dict
+from pelab.data.atomic import atomic_write_json
+from pelab.train.config import ConfigError, compose, config_error_message
+from pelab.train.plan import plan
 
 log = logging.getLogger("pelab")
 
@@ -83,8 +91,6 @@ def slurm_world() -> tuple[int, int] | None:
 def apply_slurm_world(cfg) -> None:
     """Under srun every task is one Lightning rank: take trainer.devices / trainer.num_nodes from the
     job (tasks per node x nodes), so the launcher config or the #SBATCH lines decide them."""
-    from omegaconf import open_dict
-
     world = slurm_world()
     if world is None:
         return
@@ -111,8 +117,6 @@ def cluster_plugins() -> list:
     """Lightning's SLURM environment for ranks, without its own requeue handler (see module doc)."""
     if not in_slurm():
         return []
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     return [SLURMEnvironment(auto_requeue=False)]
 
 
@@ -166,8 +170,6 @@ class RequeueOnSignal(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Installed here, after Lightning's signal connector took its snapshot of the handlers (which it
         # restores at teardown), so the process leaves fit() with the handlers it had before.
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return
         for s in self.signals:
@@ -228,9 +230,7 @@ def requeue_after(exc: Preempted, max_requeues: int) -> tuple[bool, str]:
         return False, "scontrol not found on the compute node"
     history.append({"job": jid, "step": exc.step, "signal": exc.signame, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     state = {"count": state.get("count", 0) + 1, "history": history}
-    tmp = exc.run_dir / (REQUEUE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, exc.run_dir / REQUEUE_FILE)
+    atomic_write_json(exc.run_dir / REQUEUE_FILE, state)
     r = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         return False, f"scontrol requeue {jid} failed: {(r.stderr or r.stdout).strip()}"
@@ -459,16 +459,8 @@ def _minutes(t: str) -> int:
     return parts[0] + (1 if len(parts) == 2 and parts[1] else 0)
 
 
-def short_error(e: BaseException) -> str:
-    """Hydra's composition error without its config search path listing."""
-    return str(e).split("\nConfig search path")[0].strip()
-
-
 def check_cells(cell_cfgs: list, world: int | None) -> list[str]:
     """Run plan() on every cell config (with the launcher's world size when given)."""
-    from omegaconf import open_dict
-    from pelab.train.__main__ import ConfigError, plan
-
     problems = []
     for label, cfg in cell_cfgs:
         try:
@@ -484,9 +476,6 @@ def check_cells(cell_cfgs: list, world: int | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m train.slurm check [--sbatch-script slurm/train.sbatch] [overrides]`: what would fail at
     submission or at the job's start, checked here (partition, GPUs, CPUs, memory, config)."""
-    import argparse
-    import sys
-
     ap = argparse.ArgumentParser(prog="python -m train.slurm", description=main.__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     chk = sub.add_parser("check", help="check a single run's overrides and sbatch resources")
@@ -502,9 +491,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     chk.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-
-    from pelab.train.config import compose
-
     problems: list[str] = []
     req = sbatch_request(args.sbatch_script, args.sbatch_option)
     try:
@@ -514,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(args.overrides)
     except Exception as e:  # Hydra's composition errors name the bad override
-        problems.append(f"config: {short_error(e)}")
+        problems.append(f"config: {config_error_message(e) or e}")
     else:
         tasks = _int(req.get("tasks_per_node"), 1)
         problems += check_cells([("config", cfg)], (tasks, _int(req.get("nodes"), 1)))

@@ -15,7 +15,7 @@ validation windows recomputes each layer's attention scores in query chunks from
 `CausalSelfAttention.project` (q, k after the PE, plus the PE's additive bias), giving the exact
 per-head max logit and the attention entropy; it also measures residual-stream RMS, output-logit
 max/mean and every PE's `stats()`. Around the optimizer step of that step it takes per-layer
-parameter RMS, (pre-clip) gradient RMS and update-RMS / parameter-RMS with `torch._foreach_norm`.
+parameter RMS, (pre-clip) gradient RMS and update-RMS / parameter-RMS.
 Every `nr_every` steps and at the end it adds the "Behind RoPE" diagnostic: per layer the fraction
 of pre-softmax score variance not explained by the offset i - j (NR) and the per-offset mean score.
 
@@ -27,52 +27,32 @@ and every PE here has a true bias that vanishes at j = i, so this recovers the t
 from __future__ import annotations
 
 import collections
-import csv
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from pelab.data.atomic import atomic_write_json
 from pelab.models.kernels.documents import same_document
-from pelab.train.callbacks import write_step_csv
+from pelab.models.pe.common import repeat_kv
+from pelab.train.loggers import log_offset_curves
+from pelab.train.metrics import MetricSink
+from pelab.train.schema import MonitorConfig
 from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 log = logging.getLogger("pelab")
-
-# W&B workspace sections (metric names are "<section>/...").
-SECTIONS = ("train", "val", "stability", "attn", "pe", "throughput")
-# metrics.csv keeps these ungrouped names (tests and older tools read them); W&B gets the grouped ones.
-CSV_ALIASES = {
-    "lr": "train/lr",
-    "grad_norm": "stability/grad_norm",
-    "grad_clipped": "stability/grad_clipped",
-    "tokens_per_s": "throughput/tokens_per_s",
-    "mfu": "throughput/mfu",
-    "tokens_per_s_per_gpu": "throughput/tokens_per_s_per_gpu",
-    "tflops_per_gpu": "throughput/tflops_per_gpu",
-    "gpu_mem_peak_gb": "throughput/gpu_mem_peak_gb",
-}
-
-
-def grouped(metrics: dict) -> dict:
-    """The metrics under their grouped names only (what goes to W&B)."""
-    out = {}
-    for k, v in metrics.items():
-        if k in CSV_ALIASES:
-            out.setdefault(CSV_ALIASES[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 # ---- spike rule ---------------------------------------------------------------------------------
 
 
-def spike_flags(values, window: int = 128, sigma: float = 6.0) -> list[bool]:
+def spike_flags(
+    values, window: int = MonitorConfig.spike_window, sigma: float = MonitorConfig.spike_sigma
+) -> list[bool]:
     """Host reference of the spike rule for one series: value t is a spike when
     value_t - mean(prev) > sigma * std(prev), prev = the up to `window` values before t (unbiased std),
     checked once at least max(2, window // 2) previous values exist. Non-finite values are never
@@ -93,7 +73,7 @@ def spike_flags(values, window: int = 128, sigma: float = 6.0) -> list[bool]:
 class SpikeDetector:
     """The spike rule for several series at once, on the device, without host syncs."""
 
-    def __init__(self, n_series: int = 2, window: int = 128, sigma: float = 6.0):
+    def __init__(self, n_series: int, window: int, sigma: float):
         self.n, self.window, self.sigma = n_series, int(window), float(sigma)
         self.min_history = max(2, self.window // 2)
         self.buf: Tensor | None = None
@@ -133,7 +113,7 @@ class StepStats:
 
     FIELDS = ("loss", "lse", "lse_sq", "grad_norm", "clipped", "loss_spike", "grad_spike")
 
-    def __init__(self, spike_window: int = 128, spike_sigma: float = 6.0, spike_score_window: int = 10000):
+    def __init__(self, spike_window: int, spike_sigma: float, spike_score_window: int):
         self.detector = SpikeDetector(2, spike_window, spike_sigma)
         self.score_window = int(spike_score_window)
         self.trace: list[Tensor] = []
@@ -147,19 +127,16 @@ class StepStats:
         loss, grad_norm = loss.detach().float(), grad_norm.detach().float()
         flags = self.detector.update(torch.stack([loss, grad_norm]))
         self.last_grad_norm = grad_norm
-        self.trace.append(
-            torch.stack(
-                [
-                    loss,
-                    lse.detach().float(),
-                    lse_sq.detach().float(),
-                    grad_norm,
-                    (grad_norm > clip).float(),
-                    flags[0].float(),
-                    flags[1].float(),
-                ]
-            )
-        )
+        step = {
+            "loss": loss,
+            "lse": lse.detach().float(),
+            "lse_sq": lse_sq.detach().float(),
+            "grad_norm": grad_norm,
+            "clipped": (grad_norm > clip).float(),
+            "loss_spike": flags[0].float(),
+            "grad_spike": flags[1].float(),
+        }
+        self.trace.append(torch.stack([step[f] for f in self.FIELDS]))
         return flags.any()
 
     def should_skip(self, spike: Tensor, strategy=None) -> bool:
@@ -175,12 +152,12 @@ class StepStats:
         """Metrics of the interval ending at `step` (one device->host copy)."""
         if not self.trace:
             return {}
-        rows = torch.stack(self.trace).double().cpu()
+        # One (FIELD -> per-step values) series per field, from one device->host copy.
+        series = dict(zip(self.FIELDS, torch.stack(self.trace).double().cpu().unbind(1)))
         self.trace = []
-        n = rows.shape[0]
-        last = rows[-1].tolist()
+        n = len(series["loss"])
         for i in range(n):
-            ls, gs = bool(rows[i, 5]), bool(rows[i, 6])
+            ls, gs = bool(series["loss_spike"][i]), bool(series["grad_spike"][i])
             if ls or gs:
                 s = step - n + 1 + i
                 self.spike_steps.append(s)
@@ -189,18 +166,18 @@ class StepStats:
                     "step %d: %s spike (loss %.4f, grad norm %.4g)",
                     s,
                     " and ".join(x for x, f in (("loss", ls), ("grad-norm", gs)) if f),
-                    rows[i, 0],
-                    rows[i, 3],
+                    series["loss"][i],
+                    series["grad_norm"][i],
                 )
-        self.loss_spikes += int(rows[:, 5].sum())
-        self.grad_spikes += int(rows[:, 6].sum())
+        self.loss_spikes += int(series["loss_spike"].sum())
+        self.grad_spikes += int(series["grad_spike"].sum())
         while self.spike_steps and self.spike_steps[0] <= step - self.score_window:
             self.spike_steps.popleft()
         return {
-            "train/z_loss": last[2],
-            "train/loss_max": float(rows[:, 0].max()),
-            "stability/grad_norm_max": float(rows[:, 3].max()),
-            "stability/clip_rate": float(rows[:, 4].mean()),
+            "train/z_loss": float(series["lse_sq"][-1]),
+            "train/loss_max": float(series["loss"].max()),
+            "stability/grad_norm_max": float(series["grad_norm"].max()),
+            "stability/clip_rate": float(series["clipped"].mean()),
             "stability/spikes": self.spikes,
             "stability/loss_spikes": self.loss_spikes,
             "stability/grad_spikes": self.grad_spikes,
@@ -229,12 +206,6 @@ class StepStats:
 # ---- attention probe: pure functions ------------------------------------------------------------
 
 
-def _expand_heads(k: Tensor, n_heads: int) -> Tensor:
-    """(B, Hkv, T, D) -> (B, H, T, D), query head h reading KV head h // group (as the kernels do)."""
-    group = n_heads // k.shape[1]
-    return k if group == 1 else k.repeat_interleave(group, dim=1)
-
-
 @torch.no_grad()
 def attention_stats(
     q: Tensor,
@@ -255,7 +226,7 @@ def attention_stats(
     B, T, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
     qh = q.transpose(1, 2).float()
-    kh = _expand_heads(k.transpose(1, 2).float(), H)
+    kh = repeat_kv(k.transpose(1, 2).float(), H, dim=1)
     max_logit = torch.full((H,), float("-inf"), device=q.device)
     ent = torch.zeros(H, device=q.device)
     smap = torch.zeros(H, T, T, device=q.device) if score_map else None
@@ -347,7 +318,7 @@ def group_sq_norms(tensors: list[Tensor], index: Tensor, n_groups: int) -> Tenso
     dev = tensors[present[0]].device if present else torch.device("cpu")
     out = torch.zeros(n_groups, device=dev)
     if present:
-        norms = torch.stack(torch._foreach_norm([tensors[i] for i in present])).float()
+        norms = torch.stack([torch.linalg.vector_norm(tensors[i], dtype=torch.float32) for i in present])
         out.index_add_(0, index[present].to(dev), norms.square())
     return out
 
@@ -356,26 +327,16 @@ def group_sq_norms(tensors: list[Tensor], index: Tensor, n_groups: int) -> Tenso
 
 
 class StabilityMonitor(L.Callback):
-    """Probe metrics every `probe_every` steps (rank 0) into <run_dir>/probes.csv and the loggers,
+    """Probe metrics every `probe_every` steps (rank 0) into the sink's probes.csv and the loggers,
     Behind-RoPE curves into <run_dir>/diagnostics/nr-step-XXXXXXXX.json."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        probe_every: int = 200,
-        nr_every: int = 1000,
-        probe_batch: int = 4,
-        probe_seq_len: int = 1024,
-        resid_layers=None,
-        chunk: int = 256,
-        **_,
-    ):
+    def __init__(self, run_dir: Path, monitor: MonitorConfig, sink: MetricSink):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "probes.csv"
-        self.probe_every, self.nr_every = int(probe_every or 0), int(nr_every or 0)
-        self.probe_batch, self.probe_seq_len, self.chunk = int(probe_batch), int(probe_seq_len), int(chunk)
-        self.resid_layers = None if resid_layers is None else [int(i) for i in resid_layers]
-        self.rows: dict[int, dict] = {}
+        self.sink = sink
+        self.probe_every, self.nr_every = int(monitor.probe_every or 0), int(monitor.nr_every or 0)
+        self.probe_batch, self.probe_seq_len = int(monitor.probe_batch), int(monitor.probe_seq_len)
+        self.chunk = int(monitor.chunk)
+        self.resid_layers = None if monitor.resid_layers is None else [int(i) for i in monitor.resid_layers]
         self._probe_idx: Tensor | None = None
         self._groups = None
         self._before = None
@@ -397,21 +358,11 @@ class StabilityMonitor(L.Callback):
 
     # -- hooks
     def on_fit_start(self, trainer, pl_module):
-        self.rows = {}
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
         if isinstance(pl_module.model, FSDP):
             # Sharded parameters: a rank-0 eager probe cannot see whole weights. Per-step stats still run.
             log.info("monitor: probes (attention logits, RMS, NR) are off under FSDP; per-step metrics stay on")
             self.probe_every = self.nr_every = 0
             self.disabled = True
-
-    def on_train_start(self, trainer, pl_module):  # after the checkpoint restored global_step
-        if trainer.is_global_zero and self.path.exists():
-            with open(self.path, newline="") as f:
-                for r in csv.DictReader(f):
-                    if int(r["step"]) <= trainer.global_step:
-                        self.rows[int(r["step"])] = {k: v for k, v in r.items() if v != ""}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         step = trainer.global_step + 1
@@ -429,7 +380,7 @@ class StabilityMonitor(L.Callback):
                 post = grad_sq.sum().sqrt()
                 grad_sq = grad_sq * torch.where(post > 0, (pre.to(post.device) / post).square(), torch.zeros_like(post))
             self._grad_sq = grad_sq
-            self._before = torch._foreach_mul([p.detach() for p in params], 1.0)  # snapshot for the update
+            self._before = [p.detach().clone() for p in params]  # snapshot for the update
         self.probe_seconds += time.perf_counter() - t0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -450,8 +401,6 @@ class StabilityMonitor(L.Callback):
     # -- the probe
     def _probe_batch(self, trainer, device) -> Tensor:
         if self._probe_idx is None:
-            import numpy as np
-
             windows = trainer.datamodule.val_windows
             n = min(self.probe_batch, len(windows))
             T = min(self.probe_seq_len, windows.seq_len)
@@ -467,7 +416,8 @@ class StabilityMonitor(L.Callback):
             names, params, index = self._groups
             with torch.no_grad():
                 p_sq = group_sq_norms(self._before, index, len(names))
-                torch._foreach_sub_(self._before, [p.detach() for p in params])
+                for before, p in zip(self._before, params):
+                    before.sub_(p.detach())
                 u_sq = group_sq_norms(self._before, index, len(names))
             self._before = None
             numel = torch.zeros(len(names)).index_add_(0, index, torch.tensor([float(p.numel()) for p in params]))
@@ -487,34 +437,21 @@ class StabilityMonitor(L.Callback):
         if keys:
             values = torch.stack([scalars[k].detach().float().to(device).reshape(()) for k in keys]).tolist()
             m.update(zip(keys, values))
-        m = {"tokens": step * pl_module.tokens_per_step, **dict(sorted(m.items()))}
+        m = dict(sorted(m.items()))
         if nr:
-            self._write_nr(trainer, step, m["tokens"], out["nr"])
+            self._write_nr(trainer, step, step * pl_module.tokens_per_step, out["nr"])
             for i, layer in enumerate(out["nr"]["layers"]):
                 m[f"attn/nr/L{i}"] = layer["nr"]
         self.probe_seconds += time.perf_counter() - t0
         m["throughput/probe_s"] = time.perf_counter() - t0
         self._last_probe = step
-        self.rows[step] = {"step": step, **m}
-        self._flush()
-        for lg in trainer.loggers:
-            lg.log_metrics(m, step=step)
+        self.sink.record(trainer, step, m, table="probes")
         return m
 
     def _write_nr(self, trainer, step: int, tokens: int, nr: dict) -> None:
-        out = self.run_dir / "diagnostics"
-        out.mkdir(parents=True, exist_ok=True)
         doc = {"step": step, "tokens": tokens, **nr}
-        path = out / f"nr-step-{step:08d}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc) + "\n")
-        os.replace(tmp, path)
-        from pelab.train.loggers import log_offset_curves
-
+        atomic_write_json(self.run_dir / "diagnostics" / f"nr-step-{step:08d}.json", doc, indent=None)
         log_offset_curves(trainer.loggers, doc)
-
-    def _flush(self) -> None:
-        write_step_csv(self.path, self.rows, ["step", "tokens"])
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -591,18 +528,4 @@ def probe_forward(model, idx: Tensor, nr: bool = False, resid_layers=None, chunk
                 }
             )
         out["nr"] = {"seq_len": T, "batch": int(idx.shape[0]), "offsets": offsets, "layers": layers}
-    return out
-
-
-def monitor_callbacks(cfg, run_dir: Path) -> list:
-    """Callbacks for `python -m train`: the probe monitor (monitor.enabled) and the W&B run keeper."""
-    from omegaconf import OmegaConf
-    from pelab.train.loggers import WandbRun
-
-    out = []
-    mon = cfg.get("monitor")
-    if mon is not None and mon.get("enabled", True):
-        out.append(StabilityMonitor(run_dir, **OmegaConf.to_container(mon, resolve=True)))
-    if cfg.logger.name == "wandb":
-        out.append(WandbRun())
     return out

@@ -21,18 +21,30 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
+import itertools
 import json
 import logging
-import os
+import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pelab.data.atomic import atomic_open, atomic_write_json
+from pelab.data.ready import ensure_prepared
+from pelab.train import slurm
+from pelab.train.config import config_error_message
+from pelab.train.plan import world_size
+from pelab.train.report import SWEEP_COLUMNS, sweep_groups
 
 log = logging.getLogger("pelab")
 
@@ -59,17 +71,7 @@ SUMMARY_COLUMNS = [
 
 
 def in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def record_cell(
@@ -80,10 +82,7 @@ def record_cell(
     run_dir: Path | str | None = None,
 ) -> None:
     """<cell dir>/status.json for this multirun job (global rank 0 only)."""
-    from hydra.core.hydra_config import HydraConfig
-    from pelab.train.slurm import global_rank, job_id
-
-    if global_rank() != 0:
+    if slurm.global_rank() != 0:
         return
     hc = HydraConfig.get()
     run_dir = Path(run_dir or hc.runtime.output_dir)
@@ -97,37 +96,37 @@ def record_cell(
         "overrides": list(hc.overrides.task),
         "cell": hc.job.override_dirname,
         "run_dir": str(run_dir),
-        "slurm_job_id": job_id(),
+        "slurm_job_id": slurm.job_id(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if summary:
         record["summary"] = summary
-    _atomic_json(run_dir / STATUS_FILE, record)
+    atomic_write_json(run_dir / STATUS_FILE, record, default=str)
 
 
 # ---- expanding and checking a sweep ------------------------------------------------------------------
 
 
 def expand(config: DictConfig) -> list[list[str]]:
-    """The cells' override lists, as Hydra's basic sweeper builds them (hydra.sweeper.params first,
-    then the command line's overrides; `a=1,2` and `glob(...)` expand)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
+    """The cells' override lists, as Hydra's basic sweeper builds them: hydra.sweeper.params first, then
+    the command line's overrides (a key given in both takes the command line's values); `a=1,2` and
+    `glob(...)` expand, the cells are their cartesian product."""
     params = config.hydra.sweeper.get("params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()]
     arguments += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
     loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
-    parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
-    return [cell for batch in BasicSweeper.split_arguments(parsed, None) for cell in batch]
+    by_key: dict[str, list[str]] = {}
+    for o in OverridesParser.create(config_loader=loader).parse_overrides(arguments):
+        key = o.get_key_element()
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise ValueError(f"{o.input_line}: Hydra's basic sweeper takes only lists, ranges and globs")
+        values = o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()]
+        by_key[key] = [f"{key}={v}" for v in values]
+    return [list(cell) for cell in itertools.product(*by_key.values())]
 
 
 def compose_cell(config: DictConfig, overrides: list[str], num: int) -> DictConfig:
     """The config a cell's job will run with (same call as the launchers make)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
     cfg = GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
     with open_dict(cfg.hydra.job):
         cfg.hydra.job.num = num
@@ -157,8 +156,6 @@ def cell_labels(cells: list[list[str]]) -> list[str]:
 
 def check_sweep(config: DictConfig, cells: list[list[str]], cluster=None) -> tuple[list[str], list[str]]:
     """(problems, cell dirs). `cluster`: a train.slurm.ClusterInfo (queried with sinfo when None)."""
-    from pelab.train import slurm
-
     kind = _launcher_kind(config)
     problems: list[str] = []
     world = None
@@ -176,13 +173,11 @@ def check_sweep(config: DictConfig, cells: list[list[str]], cluster=None) -> tup
         try:
             cfg = compose_cell(config, overrides, i)
         except Exception as e:  # composition errors: unknown choice or key, bad value
-            problems.append(f"cell {label}: {slurm.short_error(e)}")
+            problems.append(f"cell {label}: {config_error_message(e) or e}")
             dirs.append("")
             continue
         dirs.append(str(cfg.hydra.sweep.subdir))
         if kind == "local":
-            from pelab.train.strategy import world_size
-
             n = world_size(cfg.trainer)
             if n > 1:
                 problems.append(
@@ -202,8 +197,6 @@ def check_sweep(config: DictConfig, cells: list[list[str]], cluster=None) -> tup
 def check_data(composed: list) -> list[str]:
     """Before fanning out to SLURM jobs: every cell's data is prepared (the embedded sample is built here,
     once, instead of by every job at the same time; FineWeb-Edu shards and manifest are checked)."""
-    from pelab.data.sample import ensure_prepared
-
     problems, seen = [], set()
     for label, cfg in composed:
         key = (cfg.data.name, str(cfg.data.dir))
@@ -257,8 +250,6 @@ def summarize(sweep_dir: Path, cells: list[tuple[str, str]] | None = None) -> li
             {p.parent for p in sweep_dir.glob("*/.hydra")} | {p.parent for p in sweep_dir.glob(f"*/{STATUS_FILE}")}
         )
         cells = [(d.name, d.name) for d in found]
-    from pelab.train.report import SWEEP_COLUMNS, sweep_groups
-
     rows = [cell_row(sweep_dir / sub, name) for name, sub in cells]
     counts: dict[str, int] = {}
     for r in rows:
@@ -268,16 +259,12 @@ def summarize(sweep_dir: Path, cells: list[tuple[str, str]] | None = None) -> li
     grouped, group_columns = sweep_groups([r["run_dir"] for r in rows if r["status"] == "ok"])
     for r in rows:
         r.update(group_columns.get(r["run_dir"], {}))
-    _atomic_json(
-        sweep_dir / "summary.json",
-        {"sweep_dir": str(sweep_dir), "cells": len(rows), "counts": counts, "rows": rows, **grouped},
-    )
-    tmp = sweep_dir / "summary.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    summary = {"sweep_dir": str(sweep_dir), "cells": len(rows), "counts": counts, "rows": rows, **grouped}
+    atomic_write_json(sweep_dir / "summary.json", summary, default=str)
+    with atomic_open(sweep_dir / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS + SWEEP_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, sweep_dir / "summary.csv")
     return rows
 
 
@@ -298,8 +285,6 @@ def format_table(rows: list[dict]) -> str:
 
 def _stop(message: str, code: int):
     log.error("%s", message)
-    import sys
-
     sys.stderr.flush()
     raise SystemExit(code)
 
@@ -345,8 +330,6 @@ class SweepCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m train.sweep", description="Sweep summaries.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("summarize", help="(re)write summary.json/.csv of a multirun dir and print the table")

@@ -177,13 +177,15 @@ def _register_builtin() -> None:
 
     def _triton_run(q, k, v, b, scale, doc_ids=None):
         if isinstance(b, PathSumBias):
-            return triton_pathsum.run(q, k, v, b, scale)  # never reached with doc_ids (no doc_supports)
+            return triton_pathsum.run(q, k, v, b, scale, doc_ids=doc_ids)
         return triton_lowrank.run(q, k, v, b, scale, doc_ids=doc_ids)
 
     # With documents the low-rank kernel also takes plain causal attention (rank 0): the SDPA and
-    # flash_attn kernels cannot mask documents. The path-sum kernel cannot.
+    # flash_attn kernels cannot mask documents. The path-sum kernel masks them too.
     def _triton_doc_supports(q, k, v, b):
-        return not isinstance(b, PathSumBias) and triton_lowrank.supports(q, k, v, b)
+        if isinstance(b, PathSumBias):
+            return triton_pathsum.supports(q, k, v, b)
+        return triton_lowrank.supports(q, k, v, b)
 
     register_kernel("triton", 55, _triton_supports, _triton_run, doc_supports=_triton_doc_supports)
     # FlexAttention with a score_mod for LowRankBias (CUDA only): "flex" takes any low-rank bias when

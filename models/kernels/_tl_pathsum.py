@@ -1,32 +1,50 @@
 """Triton JIT code for GRAPE-AP (path-integral additive bias) flash attention.
 
-Imported lazily by `models.kernels.triton_pathsum`.
+Imported lazily by `models.kernels.triton_pathsum`, which also packs the probes (below).
 
-Per (batch, head h), with x(t, l) = scale * <qp_t, kp_l> and psi(t, l) = alpha_h * logsigmoid(x):
+Per (batch, head h), with z(t, l) = pscale * <qp_t, kp_l> and psi(t, l) = alpha_h * logsigmoid(z):
     bias(t, j) = sum_{l=j+1..t} psi(t, l) = S_t - C(t, j),   C(t, j) = sum_{l<=j} psi(t, l).
-S_t is a per-row constant, so the kernels use -C(t, j). Key blocks are swept left to right and
-C is a running prefix per query row plus an in-tile cumsum; no T x T tensor exists.
+S_t is a per-row constant, so the kernels use -C(t, j). Key blocks are swept left to right; C is an
+fp32 running carry per query row plus an in-tile prefix sum, done on the tensor cores as
+`x @ upper` (upper an exact 0/1 bf16 matrix, x split into bf16 hi + lo: ~2^-16 relative). No T x T
+tensor exists, forward or backward.
 
-Backward: with dS = P * (dP - delta) (row sums zero), dL/dpsi(t, l) = E(t, l) = sum_{j<l} dS(t, j),
-an exclusive prefix of dS along the row; dL/dx = E * alpha * sigmoid(-x); dqp = scale * dx @ kp,
-dkp = scale * dx^T @ qp, dalpha = sum E * logsigmoid(x).
-The dQ kernel sweeps key blocks (like the forward) and records, at the start of each key block
-of the dK/dV kernel's width TB, the running prefixes C(t, n*TB) and E(t, n*TB) in two transient
-(B, H, T, T/TB) fp32 tables (T/TB = 32 at T=4096, 1/TB of a dense bias); the dK/dV kernel (one
-program per key block) starts its in-tile prefixes from them.
+Probes arrive packed as bf16 (host side, O(T * P)): QZ = [hi(qs) | lo(qs) | hi(qs)] and
+KZ = [hi(kp) | hi(kp) | lo(kp)] (qs = pscale * qp, zero-padded to a power of two >= 16), so that one
+tensor-core product QZ @ KZ^T gives z to ~2^-16; QB = [hi(qs) | lo(qs)] and KB = [hi(kp) | lo(kp)]
+serve the probe gradients (the kernel returns the two halves, the host adds them).
+
+Backward, one fused pass per query block (the potentials are computed once): with
+dS = P * (dP - delta) (row sums zero), dL/dpsi(t, l) = E(t, l) = sum_{j<l} dS(t, j), an exclusive
+prefix of dS along the row, continued across key blocks by a second running carry; then
+dz = E * alpha * sigmoid(-z), dqp = pscale * dz @ kp, dkp = dz^T @ qs, dalpha = sum E * logsigmoid(z).
+dQ and dqp accumulate in registers. dK, dV and dkp of a key block receive contributions from every
+query block after it, so they are added into fp32 buffers of (B, H, T, .) by TMA bulk reductions
+(or per-element atomics; the summation order varies run to run at the fp32 rounding level). The
+row scan E is what rules out the usual key-block-major backward: it would need per-(row, key
+block) carries, a (T x T / block) table.
 
 Scores are in log2 units: s2 = q.k * scale * log2(e) - C * log2(e); psi2 = psi * log2(e).
-logsigmoid(x) = min(x, 0) - ln2 * log2(1 + 2^(-|x| log2 e)).
+logsigmoid(z) = min(z, 0) - ln2 * log2(1 + 2^(-|z| log2 e)): on the GPU log2 is one MUFU instruction
+(lg2.approx.ftz, ~2^-22 relative; Triton's `tl.math.log2` is a ~20-instruction libdevice routine).
+The backward takes sigmoid(-z) = 1 - 2^(psi2 / alpha) from psi, so no other per-element value stays
+live through the tile (the host keeps |alpha| >= 1e-30).
+
+Document masking (HAS_DOC): DOC holds int32 (B, T) document ids, non-decreasing per row; key j is
+visible to query t iff j <= t and DOC[j] == DOC[t]. psi is zeroed on links in other documents, so
+C(t, .) starts at the row's document start whatever the tiling (the bias within a document is the
+same as without documents). A query block starts at its first row's document start (DSTART).
 """
 
 import os
 
 import triton
 import triton.language as tl
-from pelab.models.kernels._tl_common import key_block, load_row_stats, load_rows, query_block
+from pelab.models.kernels._tl_common import load_row_stats, load_rows, query_block
 
-# The CPU interpreter's bf16 tl.dot is wrong (numpy emulation): there, operands are rounded to
-# bf16 and multiplied in fp32, which is exact for bf16 x bf16 products (same numbers as the GPU).
+# The CPU interpreter's bf16 tl.dot is wrong (numpy emulation) and it has no inline PTX: there,
+# operands are rounded to bf16 and multiplied in fp32 (exact for bf16 x bf16 products, the same
+# numbers as the GPU), and log2 is plain.
 _EMU = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -48,13 +66,18 @@ def _split(x):
 
 
 @triton.jit
-def _dot3(a, b):
-    """a @ b for fp32 operands on bf16 tensor cores, ~fp32 accurate (three bf16 products)."""
-    a_hi, a_lo = _split(a)
-    b_hi, b_lo = _split(b)
-    acc = tl.dot(a_hi, b_hi)
-    acc = tl.dot(a_lo, b_hi, acc)
-    return tl.dot(a_hi, b_lo, acc)
+def _op(x):
+    """A bf16 tensor-core operand (fp32 under the interpreter)."""
+    if _EMU:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _lg2(x):
+    if _EMU:
+        return tl.math.log2(x)
+    return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -66,12 +89,40 @@ def _prefix_cols(x, tri):
 
 
 @triton.jit
-def _psi(z, alpha2):
-    """psi2 = alpha * log2(e) * logsigmoid(z) (alpha2 = alpha*log2e), plus e = exp(-|z|)."""
+def _potentials(z, alpha2):
+    """psi2 = alpha log2(e) logsigmoid(z)."""
     e = tl.math.exp2(-tl.abs(z) * LOG2E)
-    l1p = tl.math.log2(1.0 + e)  # log2(1 + e)
-    psi2 = alpha2 * tl.minimum(z, 0.0) - (alpha2 * LN2) * l1p
-    return psi2, e, l1p
+    return alpha2 * (tl.minimum(z, 0.0) - LN2 * _lg2(1.0 + e))
+
+
+@triton.jit
+def _same_doc(doc_rows, doc_base, cols, col_ok):
+    """(M, N) bool: key column in the query row's document (keys past T: no document)."""
+    doc_cols = tl.load(doc_base + cols, mask=col_ok, other=-2)
+    return doc_rows[:, None] == doc_cols[None, :]
+
+
+@triton.jit
+def _row_setup(DOC, DSTART, b, T, start_m, offs_m, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Document ids of the rows (padded rows take the last row's) and the first key block to visit."""
+    doc_base, doc_rows, lo = DOC + b * T, offs_m, 0
+    if HAS_DOC:
+        doc_rows = tl.load(doc_base + tl.minimum(offs_m, T - 1))
+        lo = tl.load(DSTART + b * T + start_m) // BLOCK_N * BLOCK_N
+    return doc_base, doc_rows, lo
+
+
+@triton.jit
+def _add_block(desc, ptrs, row, start_n, col_ok, x, USE_TMA: tl.constexpr):
+    """Add x (N, C) into rows start_n.. of slab `row` of an fp32 (slabs, T, C) buffer: one TMA
+    reduction (desc; rows past T are dropped by the copy engine) or per-element atomics (ptrs)."""
+    if USE_TMA:
+        desc.atomic_add([row, start_n, 0], x.reshape(1, x.shape[0], x.shape[1]))
+    else:
+        tl.atomic_add(ptrs, x, mask=col_ok[:, None], sem="relaxed")
+
+
+# ---- forward ------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -81,49 +132,57 @@ def _fwd_inner(
     m_i,
     carry,
     q,
-    qp,
+    qz,
     alpha2,
     upper,
     k_base,
     v_base,
-    kp_base,
+    kz_base,
     s_kt,
     s_vt,
-    s_pt,
+    doc_rows,
+    doc_base,
     lo,
     hi,
     offs_m,
     offs_n,
     offs_d,
-    offs_p,
+    offs_z,
     T,
-    P,
     sm_scale2,
-    pscale,
+    KZ: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK: tl.constexpr,
     EVEN_T: tl.constexpr,
+    HAS_DOC: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         col_ok = cols < T
-        kp = tl.load(
-            kp_base + cols[:, None] * s_pt + offs_p[None, :], mask=col_ok[:, None] & (offs_p[None, :] < P), other=0.0
-        )
-        z = _dot3(qp, tl.trans(kp)) * pscale
-        psi2, e, l1p = _psi(z, alpha2)
-        c_tile = carry[:, None] + _prefix_cols(psi2, upper)
-        carry += tl.sum(psi2, 1)
         k = load_rows(k_base, cols, s_kt, offs_d, col_ok, EVEN_T)
-        s = tl.dot(q, tl.trans(k)) * sm_scale2 - c_tile
+        kz = load_rows(kz_base, cols, KZ, offs_z, col_ok, EVEN_T)
+        qk = tl.dot(q, tl.trans(k))
+        z = tl.dot(qz, tl.trans(_op(kz)))
+        psi2 = _potentials(z, alpha2)
+        if HAS_DOC:
+            same = _same_doc(doc_rows, doc_base, cols, col_ok)
+            psi2 = tl.where(same, psi2, 0.0)
+        c = carry[:, None] + _prefix_cols(psi2, upper)
+        carry += tl.sum(psi2, 1)
+        s = qk * sm_scale2 - c
         if MASK:
             s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+        if HAS_DOC:
+            s = tl.where(same, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        m_ref = m_new
+        if HAS_DOC:  # rows with no visible key so far: exp2(-inf - 0) = 0 instead of NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        rescale = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * rescale + tl.sum(p, 1)
+        acc = acc * rescale[:, None]
         v = load_rows(v_base, cols, s_vt, offs_d, col_ok, EVEN_T)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
@@ -135,11 +194,13 @@ def pathsum_fwd_kernel(
     Q,
     K,
     V,
-    QP,
-    KP,
+    QZ,
+    KZP,
     ALPHA,
     O,
     L,
+    DOC,
+    DSTART,
     s_qb,
     s_qh,
     s_qt,
@@ -152,102 +213,94 @@ def pathsum_fwd_kernel(
     s_ob,
     s_oh,
     s_ot,
-    s_pb,
-    s_ph,
-    s_pt,
-    s_kpb,
-    s_kph,
-    s_kpt,
     H,
     T,
     GROUP,
-    P,
     sm_scale2,
-    pscale,
     D: tl.constexpr,
-    PP: tl.constexpr,
+    KZ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_T: tl.constexpr,
+    HAS_DOC: tl.constexpr,
 ):
     pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    offs_p = tl.arange(0, PP)
+    offs_z = tl.arange(0, KZ)
     q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, EVEN_T)
-    qp = tl.load(
-        QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pt + offs_p[None, :],
-        mask=row_ok[:, None] & (offs_p[None, :] < P),
-        other=0.0,
-    )
+    qz = _op(load_rows(QZ + pid_bh * T * KZ, offs_m, KZ, offs_z, row_ok, EVEN_T))
     alpha2 = tl.load(ALPHA + h) * LOG2E
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
-    kp_base = KP + b * s_kpb + h * s_kph
+    kz_base = KZP + pid_bh * T * KZ
+    doc_base, doc_rows, lo = _row_setup(DOC, DSTART, b, T, start_m, offs_m, BLOCK_N, HAS_DOC)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     carry = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     tri = tl.arange(0, BLOCK_N)
     upper = _bf16((tri[:, None] <= tri[None, :]).to(tl.float32))  # x @ upper = inclusive prefix along columns
+    # key blocks wholly below the diagonal block, then the diagonal block(s) with the causal mask
     acc, l_i, m_i, carry = _fwd_inner(
         acc,
         l_i,
         m_i,
         carry,
         q,
-        qp,
+        qz,
         alpha2,
         upper,
         k_base,
         v_base,
-        kp_base,
+        kz_base,
         s_kt,
         s_vt,
-        s_kpt,
-        0,
+        doc_rows,
+        doc_base,
+        lo,
         start_m,
         offs_m,
         offs_n,
         offs_d,
-        offs_p,
+        offs_z,
         T,
-        P,
         sm_scale2,
-        pscale,
+        KZ,
         BLOCK_N,
         False,
         EVEN_T,
+        HAS_DOC,
     )
-    hi = tl.minimum(start_m + BLOCK_M, T)
     acc, l_i, m_i, carry = _fwd_inner(
         acc,
         l_i,
         m_i,
         carry,
         q,
-        qp,
+        qz,
         alpha2,
         upper,
         k_base,
         v_base,
-        kp_base,
+        kz_base,
         s_kt,
         s_vt,
-        s_kpt,
+        doc_rows,
+        doc_base,
         start_m,
-        hi,
+        tl.minimum(start_m + BLOCK_M, T),
         offs_m,
         offs_n,
         offs_d,
-        offs_p,
+        offs_z,
         T,
-        P,
         sm_scale2,
-        pscale,
+        KZ,
         BLOCK_N,
         True,
         EVEN_T,
+        HAS_DOC,
     )
     acc = acc / l_i[:, None]
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
@@ -255,11 +308,11 @@ def pathsum_fwd_kernel(
     tl.store(L + pid_bh * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
-# ---- backward: dQ sweep (also dqp, dalpha and the prefix tables) -------------------------------
+# ---- backward: one pass per query block ---------------------------------------------------------
 
 
 @triton.jit
-def _dq_inner(
+def _bwd_inner(
     dq,
     dqp,
     dal,
@@ -269,93 +322,126 @@ def _dq_inner(
     do,
     lse,
     delta,
-    qp,
+    qz,
+    qb,
     alpha2,
+    alpha,
+    inv_alpha,
     upper,
     supper,
     k_base,
     v_base,
-    kp_base,
-    ct_base,
-    et_base,
+    kz_base,
+    kb_base,
+    dk_base,
+    dv_base,
+    dkp_base,
+    DK_DESC,
+    DV_DESC,
+    DKP_DESC,
+    kv_row,
+    q_row,
     s_kt,
     s_vt,
-    s_pt,
-    NT,
+    s_dkt,
+    s_dvt,
+    doc_rows,
+    doc_base,
     lo,
     hi,
     offs_m,
-    offs_n0,
+    offs_n,
     offs_d,
-    offs_p,
+    offs_z,
+    offs_b,
     T,
-    P,
     sm_scale2,
-    pscale,
-    alpha,
+    KZ: tl.constexpr,
+    KB: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    TB: tl.constexpr,
     MASK: tl.constexpr,
     EVEN_T: tl.constexpr,
+    HAS_DOC: tl.constexpr,
     NEED_DALPHA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    row_ok = offs_m < T
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        if start_n % TB == 0:  # record the running prefixes for the dK/dV kernel
-            tl.store(ct_base + offs_m * NT + start_n // TB, carry_c, mask=row_ok)
-            tl.store(et_base + offs_m * NT + start_n // TB, carry_e, mask=row_ok)
-        cols = start_n + offs_n0
+        cols = start_n + offs_n
         col_ok = cols < T
-        kp = tl.load(
-            kp_base + cols[:, None] * s_pt + offs_p[None, :], mask=col_ok[:, None] & (offs_p[None, :] < P), other=0.0
-        )
-        z = _dot3(qp, tl.trans(kp)) * pscale
-        psi2, e, l1p = _psi(z, alpha2)
-        c_tile = carry_c[:, None] + _prefix_cols(psi2, upper)
-        carry_c += tl.sum(psi2, 1)
         k = load_rows(k_base, cols, s_kt, offs_d, col_ok, EVEN_T)
         v = load_rows(v_base, cols, s_vt, offs_d, col_ok, EVEN_T)
-        s = tl.dot(q, tl.trans(k)) * sm_scale2 - c_tile
-        p = tl.math.exp2(s - lse[:, None])
-        causal = offs_m[:, None] >= cols[None, :]
+        kz = load_rows(kz_base, cols, KZ, offs_z, col_ok, EVEN_T)
+        kb = load_rows(kb_base, cols, KB, offs_b, col_ok, EVEN_T)
+        z = tl.dot(qz, tl.trans(_op(kz)))
+        psi2 = _potentials(z, alpha2)
+        if HAS_DOC:
+            same = _same_doc(doc_rows, doc_base, cols, col_ok)
+            psi2 = tl.where(same, psi2, 0.0)
+        c = carry_c[:, None] + _prefix_cols(psi2, upper)
+        carry_c += tl.sum(psi2, 1)
+        qk = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(qk * sm_scale2 - c - lse[:, None])
         if MASK:
+            causal = offs_m[:, None] >= cols[None, :]
             p = tl.where(causal, p, 0.0)
+        if HAS_DOC:
+            p = tl.where(same, p, 0.0)
+        pb = p.to(k.dtype)
+        dv_part = tl.dot(tl.trans(pb), do)
+        _add_block(
+            DV_DESC, dv_base + cols[:, None] * s_dvt + offs_d[None, :], kv_row, start_n, col_ok, dv_part, USE_TMA
+        )
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
-        e_tile = carry_e[:, None] + _prefix_cols(ds, supper)  # exclusive prefix of dS: dL/dpsi
+        dsb = ds.to(k.dtype)
+        dq = tl.dot(dsb, k, dq)
+        dk_part = tl.dot(tl.trans(dsb), q)
+        _add_block(
+            DK_DESC, dk_base + cols[:, None] * s_dkt + offs_d[None, :], kv_row, start_n, col_ok, dk_part, USE_TMA
+        )
+        # dL/dpsi: exclusive prefix of dS along the row (0 where nothing is visible yet)
+        e_tile = carry_e[:, None] + _prefix_cols(ds, supper)
         carry_e += tl.sum(ds, 1)
-        # sigmoid(-z) = (z >= 0 ? e : 1) / (1 + e)
-        sig = tl.where(z >= 0, e, 1.0) / (1.0 + e)
-        dz = e_tile * sig * (alpha * pscale)
         if MASK:
-            dz = tl.where(causal, dz, 0.0)
-        dqp += _dot3(dz, kp)
+            e_tile = tl.where(causal, e_tile, 0.0)
+        # dpsi/dz = alpha sigmoid(-z) = alpha (1 - exp(logsigmoid(z)))
+        dz = e_tile * (1.0 - tl.math.exp2(psi2 * inv_alpha)) * alpha
         if NEED_DALPHA:
-            ls = tl.minimum(z, 0.0) - LN2 * l1p
-            if MASK:
-                ls = tl.where(causal, ls, 0.0)
-            dal += tl.sum(e_tile * ls, 1)
+            dal += tl.sum(e_tile * psi2, 1)  # / (alpha log2 e) on the host
+        dz_hi, dz_lo = _split(dz)
+        dqp = tl.dot(dz_hi, _op(kb), dqp)
+        dqp = tl.dot(dz_lo, _op(kb), dqp)
+        dkp_part = tl.dot(tl.trans(dz_hi), qb)
+        dkp_part = tl.dot(tl.trans(dz_lo), qb, dkp_part)
+        _add_block(DKP_DESC, dkp_base + cols[:, None] * KB + offs_b[None, :], q_row, start_n, col_ok, dkp_part, USE_TMA)
     return dq, dqp, dal, carry_c, carry_e
 
 
 @triton.jit
-def pathsum_bwd_dq_kernel(
+def pathsum_bwd_kernel(
     Q,
     K,
     V,
-    QP,
-    KP,
+    QZ,
+    KZP,
+    QBP,
+    KBP,
     ALPHA,
     DO,
     L,
     DELTA,
     DQ,
+    DK32,
+    DV32,
     DQP,
+    DKP,
     DAL,
-    CT,
-    ET,
+    DK_DESC,
+    DV_DESC,
+    DKP_DESC,
+    DOC,
+    DSTART,
     s_qb,
     s_qh,
     s_qt,
@@ -365,264 +451,12 @@ def pathsum_bwd_dq_kernel(
     s_vb,
     s_vh,
     s_vt,
-    s_pb,
-    s_ph,
-    s_pt,
-    s_kpb,
-    s_kph,
-    s_kpt,
     s_dob,
     s_doh,
     s_dot,
     s_dqb,
     s_dqh,
     s_dqt,
-    H,
-    T,
-    GROUP,
-    P,
-    NT,
-    sm_scale,
-    sm_scale2,
-    pscale,
-    D: tl.constexpr,
-    PP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TB: tl.constexpr,
-    EVEN_T: tl.constexpr,
-    NEED_DALPHA: tl.constexpr,
-):
-    pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    offs_p = tl.arange(0, PP)
-    q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, False)
-    do = load_rows(DO + b * s_dob + h * s_doh, offs_m, s_dot, offs_d, row_ok, False)
-    lse, delta = load_row_stats(L + pid_bh * T + offs_m, DELTA + pid_bh * T + offs_m, row_ok, False)
-    qp = tl.load(
-        QP + b * s_pb + h * s_ph + offs_m[:, None] * s_pt + offs_p[None, :],
-        mask=row_ok[:, None] & (offs_p[None, :] < P),
-        other=0.0,
-    )
-    alpha = tl.load(ALPHA + h)
-    alpha2 = alpha * LOG2E
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
-    kp_base = KP + b * s_kpb + h * s_kph
-    ct_base = CT + pid_bh * T * NT
-    et_base = ET + pid_bh * T * NT
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    dqp = tl.zeros([BLOCK_M, PP], tl.float32)
-    dal = tl.zeros([BLOCK_M], tl.float32)
-    carry_c = tl.zeros([BLOCK_M], tl.float32)
-    carry_e = tl.zeros([BLOCK_M], tl.float32)
-    tri = tl.arange(0, BLOCK_N)
-    upper = _bf16((tri[:, None] <= tri[None, :]).to(tl.float32))
-    supper = _bf16((tri[:, None] < tri[None, :]).to(tl.float32))  # strictly upper: exclusive prefix
-    dq, dqp, dal, carry_c, carry_e = _dq_inner(
-        dq,
-        dqp,
-        dal,
-        carry_c,
-        carry_e,
-        q,
-        do,
-        lse,
-        delta,
-        qp,
-        alpha2,
-        upper,
-        supper,
-        k_base,
-        v_base,
-        kp_base,
-        ct_base,
-        et_base,
-        s_kt,
-        s_vt,
-        s_kpt,
-        NT,
-        0,
-        start_m,
-        offs_m,
-        offs_n0,
-        offs_d,
-        offs_p,
-        T,
-        P,
-        sm_scale2,
-        pscale,
-        alpha,
-        BLOCK_N,
-        TB,
-        False,
-        EVEN_T,
-        NEED_DALPHA,
-    )
-    hi = tl.minimum(start_m + BLOCK_M, T)
-    dq, dqp, dal, carry_c, carry_e = _dq_inner(
-        dq,
-        dqp,
-        dal,
-        carry_c,
-        carry_e,
-        q,
-        do,
-        lse,
-        delta,
-        qp,
-        alpha2,
-        upper,
-        supper,
-        k_base,
-        v_base,
-        kp_base,
-        ct_base,
-        et_base,
-        s_kt,
-        s_vt,
-        s_kpt,
-        NT,
-        start_m,
-        hi,
-        offs_m,
-        offs_n0,
-        offs_d,
-        offs_p,
-        T,
-        P,
-        sm_scale2,
-        pscale,
-        alpha,
-        BLOCK_N,
-        TB,
-        True,
-        EVEN_T,
-        NEED_DALPHA,
-    )
-    tl.store(
-        DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
-        (dq * sm_scale).to(DQ.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
-    tl.store(
-        DQP + pid_bh * T * P + offs_m[:, None] * P + offs_p[None, :], dqp, mask=row_ok[:, None] & (offs_p[None, :] < P)
-    )
-    if NEED_DALPHA:
-        tl.store(DAL + pid_bh * T + offs_m, dal, mask=row_ok)
-
-
-# ---- backward: dK/dV (and dkp), one program per (KV head, key block) -----------------------------
-
-
-@triton.jit
-def _dkdv_inner(
-    dk,
-    dv,
-    dkp,
-    k,
-    v,
-    kp,
-    alpha2,
-    alpha,
-    upper,
-    supper,
-    q_base,
-    do_base,
-    qp_base,
-    l_base,
-    dl_base,
-    ct_base,
-    et_base,
-    s_qt,
-    s_dot,
-    s_pt,
-    NT,
-    n_tab,
-    lo,
-    hi,
-    offs_n,
-    offs_m0,
-    offs_d,
-    offs_p,
-    T,
-    P,
-    sm_scale2,
-    pscale,
-    BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr,
-):
-    # Every load is masked (no EVEN_T variant). Tiles are laid out (query rows, key columns) as in
-    # the dQ sweep, and dK/dV/dkp take transposed products. (A (key, query) layout with the prefix as
-    # lower-triangular @ x was exact in the interpreter but made illegal memory accesses on the H200.)
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + offs_m0
-        row_ok = rows < T
-        q = load_rows(q_base, rows, s_qt, offs_d, row_ok, False)
-        do = load_rows(do_base, rows, s_dot, offs_d, row_ok, False)
-        lse, delta = load_row_stats(l_base + rows, dl_base + rows, row_ok, False)
-        qp = tl.load(
-            qp_base + rows[:, None] * s_pt + offs_p[None, :], mask=row_ok[:, None] & (offs_p[None, :] < P), other=0.0
-        )
-        c0 = tl.load(ct_base + rows * NT + n_tab, mask=row_ok, other=0.0)
-        e0 = tl.load(et_base + rows * NT + n_tab, mask=row_ok, other=0.0)
-        z = _dot3(qp, tl.trans(kp)) * pscale  # (M, N)
-        psi2, e, l1p = _psi(z, alpha2)
-        c_tile = c0[:, None] + _prefix_cols(psi2, upper)
-        s = tl.dot(q, tl.trans(k)) * sm_scale2 - c_tile
-        p = tl.math.exp2(s - lse[:, None])
-        causal = rows[:, None] >= offs_n[None, :]
-        if MASK:
-            p = tl.where(causal, p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
-        e_tile = e0[:, None] + _prefix_cols(ds, supper)
-        sig = tl.where(z >= 0, e, 1.0) / (1.0 + e)
-        dz = e_tile * sig * (alpha * pscale)
-        if MASK:
-            dz = tl.where(causal, dz, 0.0)
-        dkp += _dot3(tl.trans(dz), qp)
-    return dk, dv, dkp
-
-
-@triton.jit
-def pathsum_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    QP,
-    KP,
-    ALPHA,
-    DO,
-    L,
-    DELTA,
-    DK,
-    DV,
-    DKP,
-    CT,
-    ET,
-    s_qb,
-    s_qh,
-    s_qt,
-    s_kb,
-    s_kh,
-    s_kt,
-    s_vb,
-    s_vh,
-    s_vt,
-    s_pb,
-    s_ph,
-    s_pt,
-    s_kpb,
-    s_kph,
-    s_kpt,
-    s_dob,
-    s_doh,
-    s_dot,
     s_dkb,
     s_dkh,
     s_dkt,
@@ -630,131 +464,160 @@ def pathsum_bwd_dkdv_kernel(
     s_dvh,
     s_dvt,
     H,
-    HKV,
     T,
     GROUP,
-    P,
-    NT,
     sm_scale,
     sm_scale2,
-    pscale,
     D: tl.constexpr,
-    PP: tl.constexpr,
+    KZ: tl.constexpr,
+    KB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EVEN_T: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    NEED_DALPHA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    pid_bh, b, hk, pid_n, start_n, offs_n, col_ok = key_block(HKV, T, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, start_m, offs_m, row_ok = query_block(H, GROUP, T, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    offs_p = tl.arange(0, PP)
-    k = load_rows(K + b * s_kb + hk * s_kh, offs_n, s_kt, offs_d, col_ok, False)
-    v = load_rows(V + b * s_vb + hk * s_vh, offs_n, s_vt, offs_d, col_ok, False)
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    hi_diag = tl.minimum(start_n + BLOCK_N, T)
+    offs_z = tl.arange(0, KZ)
+    offs_b = tl.arange(0, KB)
+    q = load_rows(Q + b * s_qb + h * s_qh, offs_m, s_qt, offs_d, row_ok, EVEN_T)
+    do = load_rows(DO + b * s_dob + h * s_doh, offs_m, s_dot, offs_d, row_ok, EVEN_T)
+    lse, delta = load_row_stats(L + pid_bh * T + offs_m, DELTA + pid_bh * T + offs_m, row_ok, EVEN_T)
+    qz = _op(load_rows(QZ + pid_bh * T * KZ, offs_m, KZ, offs_z, row_ok, EVEN_T))
+    qb = _op(load_rows(QBP + pid_bh * T * KB, offs_m, KB, offs_b, row_ok, EVEN_T))
+    alpha = tl.load(ALPHA + h)
+    alpha2 = alpha * LOG2E
+    inv_alpha = 1.0 / alpha
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    dk_base = DK32 + b * s_dkb + hk * s_dkh
+    dv_base = DV32 + b * s_dvb + hk * s_dvh
+    kz_base = KZP + pid_bh * T * KZ
+    kb_base = KBP + pid_bh * T * KB
+    dkp_base = DKP + pid_bh * T * KB
+    doc_base, doc_rows, lo = _row_setup(DOC, DSTART, b, T, start_m, offs_m, BLOCK_N, HAS_DOC)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    dqp = tl.zeros([BLOCK_M, KB], tl.float32)
+    dal = tl.zeros([BLOCK_M], tl.float32)
+    carry_c = tl.zeros([BLOCK_M], tl.float32)
+    carry_e = tl.zeros([BLOCK_M], tl.float32)
     tri = tl.arange(0, BLOCK_N)
     upper = _bf16((tri[:, None] <= tri[None, :]).to(tl.float32))
-    supper = _bf16((tri[:, None] < tri[None, :]).to(tl.float32))
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        alpha = tl.load(ALPHA + h)
-        alpha2 = alpha * LOG2E
-        kp = tl.load(
-            KP + b * s_kpb + h * s_kph + offs_n[:, None] * s_kpt + offs_p[None, :],
-            mask=col_ok[:, None] & (offs_p[None, :] < P),
-            other=0.0,
-        )
-        q_base = Q + b * s_qb + h * s_qh
-        do_base = DO + b * s_dob + h * s_doh
-        qp_base = QP + b * s_pb + h * s_ph
-        l_base = L + bh * T
-        dl_base = DELTA + bh * T
-        ct_base = CT + bh * T * NT
-        et_base = ET + bh * T * NT
-        dkp = tl.zeros([BLOCK_N, PP], tl.float32)
-        dk, dv, dkp = _dkdv_inner(
-            dk,
-            dv,
-            dkp,
-            k,
-            v,
-            kp,
-            alpha2,
-            alpha,
-            upper,
-            supper,
-            q_base,
-            do_base,
-            qp_base,
-            l_base,
-            dl_base,
-            ct_base,
-            et_base,
-            s_qt,
-            s_dot,
-            s_pt,
-            NT,
-            pid_n,
-            start_n,
-            hi_diag,
-            offs_n,
-            offs_m0,
-            offs_d,
-            offs_p,
-            T,
-            P,
-            sm_scale2,
-            pscale,
-            BLOCK_M,
-            True,
-        )
-        dk, dv, dkp = _dkdv_inner(
-            dk,
-            dv,
-            dkp,
-            k,
-            v,
-            kp,
-            alpha2,
-            alpha,
-            upper,
-            supper,
-            q_base,
-            do_base,
-            qp_base,
-            l_base,
-            dl_base,
-            ct_base,
-            et_base,
-            s_qt,
-            s_dot,
-            s_pt,
-            NT,
-            pid_n,
-            start_n + BLOCK_N,
-            T,
-            offs_n,
-            offs_m0,
-            offs_d,
-            offs_p,
-            T,
-            P,
-            sm_scale2,
-            pscale,
-            BLOCK_M,
-            False,
-        )
-        tl.store(
-            DKP + bh * T * P + offs_n[:, None] * P + offs_p[None, :], dkp, mask=col_ok[:, None] & (offs_p[None, :] < P)
-        )
-    tl.store(
-        DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :],
-        (dk * sm_scale).to(DK.dtype.element_ty),
-        mask=col_ok[:, None],
+    supper = _bf16((tri[:, None] < tri[None, :]).to(tl.float32))  # strictly upper: exclusive prefix
+    dq, dqp, dal, carry_c, carry_e = _bwd_inner(
+        dq,
+        dqp,
+        dal,
+        carry_c,
+        carry_e,
+        q,
+        do,
+        lse,
+        delta,
+        qz,
+        qb,
+        alpha2,
+        alpha,
+        inv_alpha,
+        upper,
+        supper,
+        k_base,
+        v_base,
+        kz_base,
+        kb_base,
+        dk_base,
+        dv_base,
+        dkp_base,
+        DK_DESC,
+        DV_DESC,
+        DKP_DESC,
+        b * (H // GROUP) + hk,
+        pid_bh,
+        s_kt,
+        s_vt,
+        s_dkt,
+        s_dvt,
+        doc_rows,
+        doc_base,
+        lo,
+        start_m,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_z,
+        offs_b,
+        T,
+        sm_scale2,
+        KZ,
+        KB,
+        BLOCK_N,
+        False,
+        EVEN_T,
+        HAS_DOC,
+        NEED_DALPHA,
+        USE_TMA,
+    )
+    dq, dqp, dal, carry_c, carry_e = _bwd_inner(
+        dq,
+        dqp,
+        dal,
+        carry_c,
+        carry_e,
+        q,
+        do,
+        lse,
+        delta,
+        qz,
+        qb,
+        alpha2,
+        alpha,
+        inv_alpha,
+        upper,
+        supper,
+        k_base,
+        v_base,
+        kz_base,
+        kb_base,
+        dk_base,
+        dv_base,
+        dkp_base,
+        DK_DESC,
+        DV_DESC,
+        DKP_DESC,
+        b * (H // GROUP) + hk,
+        pid_bh,
+        s_kt,
+        s_vt,
+        s_dkt,
+        s_dvt,
+        doc_rows,
+        doc_base,
+        start_m,
+        tl.minimum(start_m + BLOCK_M, T),
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_z,
+        offs_b,
+        T,
+        sm_scale2,
+        KZ,
+        KB,
+        BLOCK_N,
+        True,
+        EVEN_T,
+        HAS_DOC,
+        NEED_DALPHA,
+        USE_TMA,
     )
     tl.store(
-        DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvt + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=col_ok[:, None],
+        DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
     )
+    tl.store(DQP + pid_bh * T * KB + offs_m[:, None] * KB + offs_b[None, :], dqp, mask=row_ok[:, None])
+    if NEED_DALPHA:
+        tl.store(DAL + pid_bh * T + offs_m, dal, mask=row_ok)

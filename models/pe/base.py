@@ -70,6 +70,10 @@ class PositionalEncoding(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise the PE's own parameters (called by the backbone's init)."""
 
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """The PE's parameters trained without weight decay (e.g. gate biases); the others are decayed."""
+        return []
+
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:
         """PE-specific values worth logging (learned frequencies, gate statistics, ...)."""

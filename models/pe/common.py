@@ -43,6 +43,13 @@ class FP32Params(nn.Module):
         return out
 
 
+def repeat_kv(x: Tensor, n_heads: int, dim: int) -> Tensor:
+    """Key/value heads at `dim` -> one per query head: query head h reads KV head h // (n_heads / Hkv),
+    the grouped-query layout of every attention kernel (repeat_interleave)."""
+    group = n_heads // x.shape[dim]
+    return x if group == 1 else x.repeat_interleave(group, dim=dim)
+
+
 def cache_detached(module: nn.Module, name: str, value: Tensor) -> None:
     """Keep a detached view of a forward-pass tensor for `stats()` (no copy, no extra kernel)."""
     setattr(module, name, value.detach())

@@ -59,6 +59,9 @@ class FoX(PositionalEncoding):
         if self.onorm_weight is not None:
             nn.init.ones_(self.onorm_weight)
 
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return [self.fgate.bias]
+
     def log_forget(self, x: Tensor) -> Tensor:
         """(B, T, H) fp32 log f_t."""
         return F.logsigmoid(self.fgate(x).float())

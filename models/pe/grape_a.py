@@ -29,7 +29,7 @@ from pelab.models.kernels.bias import LowRankBias
 from pelab.models.pe import register
 from pelab.models.pe.alibi import slopes_tensor
 from pelab.models.pe.base import PositionalEncoding
-from pelab.models.pe.common import cache_detached, centered_positions, softplus_inverse
+from pelab.models.pe.common import cache_detached, centered_positions, repeat_kv, softplus_inverse
 from torch import Tensor, nn
 
 
@@ -75,8 +75,7 @@ class _GrapeA(PositionalEncoding):
         lq = self._gate(q, self.v, 1.0) if self.query_gate else None
         lk = None
         if self.key_gate:
-            kv_of_head = torch.arange(H, device=k.device) // (H // k.shape[2])
-            lk = self._gate(k[:, :, kv_of_head], self.u, -1.0)
+            lk = self._gate(repeat_kv(k, H, dim=2), self.u, -1.0)
         return lq, lk
 
     def attention_bias(self, q, k, x, positions):

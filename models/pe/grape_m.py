@@ -221,6 +221,9 @@ class GrapeMCtx(FP32Params, PositionalEncoding):
         else:
             nn.init.normal_(self.omega_proj.weight, 0.0, 0.5 / math.sqrt(self.shape.d_model))
 
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return [self.omega_proj.bias]
+
     def freqs(self) -> Tensor:
         return torch.exp(self.log_freq.float() / self.log_freq_scale)
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from pelab.models.pe.alibi import ALiBi
 from pelab.models.pe.base import PositionalEncoding
+from pelab.models.pe.common import repeat_kv
 from pelab.models.pe.fox import FoX
 from pelab.models.pe.grape_a import _GrapeA
 from pelab.models.pe.grape_ap import GrapeAP
@@ -71,8 +72,8 @@ def reference_output(pe: PositionalEncoding, y: Tensor, x: Tensor) -> Tensor:
 
 
 def _per_head(k: Tensor, heads: int) -> Tensor:
-    """(B, T, Hkv, D) -> (B, T, heads, D): head h reads KV head h // (heads / Hkv)."""
-    return k[:, :, torch.arange(heads, device=k.device) // (heads // k.shape[2])]
+    """(B, T, Hkv, D) -> (B, T, heads, D)."""
+    return repeat_kv(k, heads, dim=2)
 
 
 def _content(q: Tensor, k: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """Evaluation of pelab checkpoints: `python -m train.eval checkpoint=<run dir or .ckpt> suite=<name>`.
 
-Modules: `checkpoint` (model + tokenizer + training config, context-extension overrides), `zeroshot`
-(lm-evaluation-harness-style scoring for any logits function), `tasks` (task prompts and data loaders),
-`ppl` (perplexity vs length), `retrieval` (passkey / needle / RULER-style tasks), `callback` (periodic
-evaluation during training), `lm_eval_adapter` (the `pelab` model for lm-evaluation-harness).
+Modules: `run` (the command: eval.json / eval.md), `suites` (every suite as one object: options, run,
+metrics, markdown), `checkpoint` (model + tokenizer + training config, context-extension overrides),
+`zeroshot` (lm-evaluation-harness-style scoring for any logits function), `tasks` (task prompts and
+data loaders), `ppl` (perplexity vs length), `retrieval` (passkey / needle / RULER-style tasks),
+`callback` (periodic evaluation during training), `lm_eval_adapter` (the `pelab` model for
+lm-evaluation-harness).
 """

@@ -24,8 +24,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pelab.data.tokenizer import load_tokenizer, tokenizer_from_cfg
 from pelab.models.config import GPTConfig
 from pelab.models.gpt import GPT
+from pelab.train.checkpoints import is_sharded_checkpoint
+from pelab.train.config import model_config
 
 log = logging.getLogger("pelab.eval")
 
@@ -44,7 +47,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_file():
         return p
     for cand in (p, p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
-        if cand.is_dir() and ((cand / ".metadata").exists() or any(cand.glob("*.distcp"))):
+        if is_sharded_checkpoint(cand):
             raise CheckpointError(
                 f"{cand} is a sharded (FSDP) checkpoint; make it one file first: "
                 f"python -m train.consolidate {cand} <file.ckpt>"
@@ -268,8 +271,6 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def tokenizer_for(train_cfg: DictConfig | None, vocab_size: int):
-    from pelab.data.tokenizer import load_tokenizer, tokenizer_from_cfg
-
     tok = tokenizer_from_cfg(train_cfg.data.tokenizer) if train_cfg is not None else load_tokenizer("gpt2")
     if tok.vocab_size > vocab_size:
         raise CheckpointError(
@@ -296,8 +297,6 @@ def load(
     if model_cfg is None:
         if train_cfg is None:
             raise CheckpointError(f"{ckpt} has no pelab model config and no config.yaml next to it")
-        from pelab.train.config import model_config
-
         model_cfg = model_config(train_cfg).__dict__.copy()
     if train_len is None:
         train_len = int(OmegaConf.select(train_cfg, "trainer.seq_len", default=0) or 0) if train_cfg else 0

@@ -23,6 +23,8 @@ from __future__ import annotations
 import sys
 
 import torch
+from pelab.train.eval.checkpoint import load
+from pelab.train.eval.zeroshot import GPTModel, Scorer
 
 _CLASS = None
 
@@ -39,7 +41,7 @@ def lm_class():
     if _CLASS is not None:
         return _CLASS
     try:
-        from lm_eval.api.model import LM
+        from lm_eval.api.model import LM  # the optional extra [eval]
     except ImportError:
         raise ImportError(
             "lm-evaluation-harness is not installed: pip install -e '.[eval]' (or pip install lm-eval)"
@@ -58,9 +60,6 @@ def lm_class():
             **kwargs,
         ):
             super().__init__()
-            from pelab.train.eval.checkpoint import load
-            from pelab.train.eval.zeroshot import GPTModel, Scorer
-
             pe = {k[3:]: v for k, v in kwargs.items() if k.startswith("pe.")}
             unknown = sorted(k for k in kwargs if not k.startswith("pe.") and kwargs[k] is not None)
             if unknown:
@@ -97,7 +96,7 @@ def lm_class():
 
         @classmethod
         def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-            from lm_eval.utils import simple_parse_args_string
+            from lm_eval.utils import simple_parse_args_string  # the optional extra [eval]
 
             return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
@@ -130,7 +129,7 @@ def lm_class():
 
 def register(name: str = "pelab"):
     """Register the model with lm-evaluation-harness under `name` (idempotent); returns the class."""
-    from lm_eval.api.registry import model_registry, register_model
+    from lm_eval.api.registry import model_registry, register_model  # the optional extra [eval]
 
     cls = lm_class()
     if name in model_registry:
@@ -142,7 +141,7 @@ def register(name: str = "pelab"):
 def main(argv: list[str] | None = None) -> None:
     """lm_eval's command line with the `pelab` model registered."""
     register()
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # the optional extra [eval]
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

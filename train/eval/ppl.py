@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pelab.data.atomic import atomic_open
+from pelab.data.ready import ensure_prepared
+from pelab.data.shards import find_shards, read_shard
 
 log = logging.getLogger("pelab.eval")
 
@@ -38,9 +41,6 @@ def heldout_tokens(train_cfg, tokenizer, text_file: str | None = None) -> tuple[
             "no training config next to the checkpoint tells where its validation data is; "
             "pass ppl.text_file=<held-out text file>"
         )
-    from pelab.data.sample import ensure_prepared
-    from pelab.data.shards import find_shards, read_shard
-
     data_cfg = train_cfg.data
     try:
         shard_dir = ensure_prepared(data_cfg)
@@ -118,7 +118,7 @@ def ppl_vs_length(
 
 
 def plot_ppl(result: dict, path: Path, title: str = "") -> Path:
-    import matplotlib
+    import matplotlib  # heavy; only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -150,6 +150,7 @@ def plot_ppl(result: dict, path: Path, title: str = "") -> Path:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return path

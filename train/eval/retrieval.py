@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pelab.data.atomic import atomic_open
 
 log = logging.getLogger("pelab.eval")
 
@@ -282,7 +283,7 @@ def run_retrieval(
 
 
 def plot_retrieval(result: dict, path: Path, title: str = "") -> Path:
-    import matplotlib
+    import matplotlib  # heavy; only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -308,6 +309,7 @@ def plot_retrieval(result: dict, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10, y=1.04)
     path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", bbox_inches="tight")
     plt.close(fig)
     return path

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
+
+from pelab.data.hub import hub_problem
 
 log = logging.getLogger("pelab.eval")
 
@@ -41,10 +40,6 @@ HUB_HINT = (
 
 class TaskUnavailable(RuntimeError):
     """The task's data cannot be found (locally or on the hub)."""
-
-
-class HubUnreachable(TaskUnavailable):
-    pass
 
 
 @dataclass
@@ -292,11 +287,11 @@ def read_rows(path: str | Path) -> list[dict]:
     """Rows of a .jsonl / .json / .parquet file or of a `datasets.save_to_disk` directory."""
     p = Path(path)
     if p.is_dir():
-        import datasets
+        import datasets  # heavy (~2 s); only for save_to_disk directories
 
         return list(datasets.load_from_disk(str(p)))
     if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy; only for parquet files
 
         return pq.read_table(p).to_pylist()
     text = p.read_text(encoding="utf-8")
@@ -315,40 +310,10 @@ def _find(data_dir: str, filename: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def hub_host() -> tuple[str, int]:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    return urlparse(endpoint).hostname or "huggingface.co", urlparse(endpoint).port or 443
-
-
-@lru_cache(maxsize=4)
-def _hub_reachable(host: str, port: int, timeout: float) -> str | None:
-    """None when a TCP connection to the hub opens within `timeout` seconds, else the reason."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ) not in ("0", "", "false"):
-        return "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as e:
-        return f"{host}:{port} unreachable ({e.__class__.__name__}: {e})"
-
-
-def hub_problem(timeout: float = 5.0) -> str | None:
-    host, port = hub_host()
-    return _hub_reachable(host, port, float(timeout))
-
-
-def require_hub(timeout: float = 5.0) -> None:
-    problem = hub_problem(timeout)
-    if problem:
-        raise HubUnreachable(f"Hugging Face hub not reachable ({problem}); {HUB_HINT}")
-
-
 def load_hub_rows(path: str, name: str | None, split: str, data_files=None) -> list[dict]:
     """Rows of a dataset through `datasets.load_dataset` (a hub id, or a builder such as `json` with
     `data_files`: the same code path, testable offline)."""
-    import datasets
+    import datasets  # heavy (~2 s); only when a task comes from the hub
 
     kwargs = {"data_files": data_files} if data_files else {}
     return list(datasets.load_dataset(path, name, split=split, **kwargs))

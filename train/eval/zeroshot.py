@@ -27,6 +27,8 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from pelab.data.hub import require_hub
+from pelab.train.eval import tasks as T
 from torch import Tensor
 
 log = logging.getLogger("pelab.eval")
@@ -373,13 +375,12 @@ def run_zeroshot(
     scorer: Scorer, cfg, data_dir: str | None = None, limit: int | None = None, hub_timeout: float = 5.0
 ) -> dict:
     """Every task of `cfg.tasks`: metrics, item count, source and split, or `skipped` with the reason."""
-    from pelab.train.eval import tasks as T
-
     files = {k: str(v) for k, v in dict(cfg.get("files") or {}).items() if v}
     results, docs_cache = {}, {}
     names = list(cfg["tasks"])
     if data_dir is None and not files:
-        T.require_hub(hub_timeout)  # fail fast, with the hint, before any scoring
+        # fail fast, with the hint, before any scoring
+        require_hub("the zero-shot tasks cannot be downloaded", T.HUB_HINT, hub_timeout)
     for name in names:
         spec = T.get_task(name)
         try:
