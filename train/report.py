@@ -298,12 +298,12 @@ def sentence(d: dict, m: Metric) -> str:
     """The difference in one sentence, e.g. `grape_ap − rope, mean of last 5 val: −0.0120 ± 0.0040 (95% CI,
     n=3 paired seeds): lower (better); the 95% interval excludes 0.`"""
     head = f"{d['group']} − {d['baseline']}, {m.title}: {_signed(d['difference'], m.fmt)}"
+    if d["ci95"] is None:
+        return f"{head} (n={d['n_group']} vs {d['n_baseline']}): no interval with one seed on a side; run more seeds."
     if d["paired_seeds"]:
         how = f"n={len(d['paired_seeds'])} paired seeds"
     else:
         how = f"{d['method']}, n={d['n_group']} vs {d['n_baseline']}"
-    if d["ci95"] is None:
-        return f"{head} ({how}): no interval with a single seed on one side; run more seeds."
     lo, hi = d["ci95"]
     span = (
         f" ± {_num((hi - lo) / 2, m.fmt)}"

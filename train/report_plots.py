@@ -1,7 +1,7 @@
 """The plots of `train.report`: curves per group (mean over seeds, min-max band), per-layer panels,
 the per-offset score curves, each group's metrics with their 95% intervals, and the differences from
-the baseline. Legends sit outside the axes; 20 colours, and line styles beyond them, keep 40 groups
-distinct."""
+the baseline. Legends sit outside the axes, right of the panels; 12 colours, and line styles beyond
+them, keep 48 groups distinct."""
 
 from __future__ import annotations
 
@@ -14,10 +14,27 @@ from pelab.train.runs import layer_keys, series, spike_points
 # Figure sizes in pixels (width, height) at DPI; tests check them.
 DPI = 100
 CURVE_PX = (1100, 560)
+RUN_PX = (900, 450)
 OVERVIEW_PX = (1600, 1000)
 LAYER_PANEL_PX = (340, 260)  # per panel of the per-layer figures; 4 panels per row
 LEGEND_PX = 260  # width added to the per-layer figures for the legend
 METRIC_PANEL_PX = (420, 60)  # per panel of metrics.png / differences.png: width, height per group (+ margin)
+# The 10 dark colours of tab20 (= tab10), black and the darkest of tab20b: 12 colours that stay apart,
+# one per PE, also as the light fill of a band.
+COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#000000",
+    "#393b79",
+)
 LINESTYLES = ("-", "--", ":", "-.")
 BAND_NOTE = "line: mean over seeds; band: min-max over seeds"
 
@@ -32,13 +49,10 @@ def _plt():
 
 
 def styles(labels: list[str]) -> dict[str, dict]:
-    """Colour and line style per group: the 10 dark tab20 colours (= tab10) with solid lines, then their 10
-    light partners dashed, then the same colours with the next line styles."""
-    from matplotlib import colormaps
-
-    tab20 = colormaps["tab20"].colors
+    """Colour and line style per group: 12 distinct colours (one per PE of the registry) with solid lines,
+    then the same colours with the next line styles."""
     return {
-        label: {"color": tab20[2 * (i % 10) + (i // 10) % 2], "ls": LINESTYLES[(i // 10) % len(LINESTYLES)]}
+        label: {"color": COLORS[i % len(COLORS)], "ls": LINESTYLES[(i // len(COLORS)) % len(LINESTYLES)]}
         for i, label in enumerate(labels)
     }
 
@@ -305,25 +319,23 @@ def plot_report(groups, doc: dict, metrics, out_dir: Path) -> list[Path]:
 
 
 def plot_runs(runs, out_png: Path) -> Path:
-    """Train and validation loss against tokens, one colour per run (the per-run loss.png)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=DPI)
-    for i, run in enumerate(runs):
-        color = f"C{i % 10}"
+    """Train loss (line) and validation loss (dots) against tokens, one colour per run (the per-run loss.png)."""
+    style = styles([run.label for run in runs])
+    fig, axes = _figure(RUN_PX)
+    ax = axes[0, 0]
+    for run in runs:
+        st = style[run.label]
         train, val = series(run, "train/loss"), series(run, "val/loss")
         if train:
-            ax.plot(*zip(*train), color=color, label=f"{run.label} train", lw=1.2)
+            ax.plot(*zip(*train), color=st["color"], ls=st["ls"], label=f"{run.label} train", lw=1.2)
         if val:
-            ax.plot(*zip(*val), "o--", color=color, label=f"{run.label} val", ms=4)
+            ax.plot(*zip(*val), "o--", color=st["color"], label=f"{run.label} val", ms=4)
         sp = [(x, y) for x, y in spike_points(run) if math.isfinite(y)]
         if sp:
             ax.plot(*zip(*sp), "x", color="red", ms=8, mew=2, label="spike")
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    if ax.get_legend_handles_labels()[1]:
+        fig.legend(loc="outside right upper", fontsize=8)
+    return _save(fig, Path(out_png))
