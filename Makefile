@@ -9,7 +9,7 @@ STAMP := $(VENV)/.pelab-installed
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.11,torch==2.13.0)
 ARGS ?=
 
-.PHONY: help install train test test-slurm bench sweep report eval data clean
+.PHONY: help install train test test-gpu test-slurm bench sweep report eval export data clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -31,11 +31,14 @@ test: $(STAMP)  ## lint (ruff) and run the test suite (CPU)
 	$(BIN)/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
+test-gpu: $(STAMP)  ## GPU suite on one CUDA GPU: every attention path through the model, train and eval entry points; table in bench/out/test_gpu
+	PY=$(PY) bench/gpu_check.sh 1 bench/out/test_gpu $(ARGS)
+
 test-slurm: $(STAMP)  ## real-Slurm tests; starts (and stops) a one-node cluster from Debian's Slurm if none is reachable
 	PELAB_SLURM_START=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py $(ARGS)
 
-bench: $(STAMP)  ## GPU throughput table: real training steps per (model, PE) cell (ARGS to override)
-	$(PY) -m bench.bench --models gpt_355m --seq-len 4096 --micro-batch 20 --pes rope,nope,ropepp_eh,ropepp_ec,grape_m,grape_m_ctx,grape_a_q,grape_a_k,grape_a_qk,grape_ap,alibi,fox --dense-ref alibi:20,grape_a_qk:4,grape_ap:1 $(ARGS)
+bench: $(STAMP)  ## GPU throughput: real training steps per (PE, backend) cell, every registered PE (ARGS to override)
+	$(PY) -m bench.bench --models gpt_355m --seq-len 4096 --micro-batch 20 --backends auto,fa4,cudnn,triton,flex_const --docs rope,alibi,fox,grape_a_q,grape_ap --dense-ref alibi:20,grape_a_qk:4,grape_ap:1 $(ARGS)
 
 sweep: $(STAMP)  ## the PE matrix as a Hydra multirun (ARGS="experiment=grape_medium hydra/launcher=slurm ...")
 	$(PY) -m train -m +sweep=pe_matrix $(ARGS)
@@ -45,6 +48,9 @@ report: $(STAMP)  ## compare runs: plots + table (ARGS="runs/multirun/<date>" or
 
 eval: $(STAMP)  ## evaluate a checkpoint (ARGS="checkpoint=runs/<run> suite=all eval.data_dir=../shared/data/eval")
 	$(PY) -m train.eval $(ARGS)
+
+export: $(STAMP)  ## a checkpoint as a Hugging Face folder (ARGS="checkpoint=runs/<run> out=runs/<run>/hf")
+	$(PY) -m train.export $(ARGS)
 
 data: $(STAMP)  ## build FineWeb-Edu shards (ARGS="data.subset=sample-10BT" or data.local_files=...)
 	$(PY) -m data.prepare data=fineweb_edu $(ARGS)

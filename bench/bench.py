@@ -11,7 +11,14 @@ sampler (`data.sampler.TrainWindows`) over a synthetic uint16 shard through a Da
 does. Per cell: warm-up steps (compilation), timed steps (median), one step with CUDA sync debugging
 (counts host syncs), one profiled step (attention-kernel share, top kernels). Also timed separately: one
 layer's attention call (fwd+bwd, x n_layer) and the fused cross-entropy (fwd+bwd) at the cell's shapes.
-Requires no Hydra: model/PE configs are read from conf/ with PyYAML.
+Model, PE and optimizer configs come from the Hydra compose helper (`pelab.train.config.compose`), as
+`python -m train model=<m> pe=<p>` would compose them; `--pes all` (the default) is every registered PE.
+`--backends auto,fa4,...` adds, per PE, a cell for each listed backend that can run its training step
+and differs from `auto`'s choice. `--docs rope,fox,...` (or `pe+docs` in `--pes`) adds a cell with
+document masking (`model.document_mask=true`; the synthetic shard holds documents of 1-2048 tokens,
+each opened by the end-of-text token), compared with the same PE's cell without it.
+`bench/results/latest.json` gets one object per cell (pe, backend, document_mask, tokens_per_s, x_rope
+against the same call's RoPE `auto` row, x_no_docs, peak_gib, date, gpu).
 
 Tokens/s = tokens per optimizer step / median step interval (CUDA events between consecutive step
 starts, so the optimizer, Lightning and data loading are all inside). MFU uses flops_per_token from
@@ -36,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PEAK = 989e12
+EOT = 50256  # the GPT-2 end-of-text id: it opens each document of the synthetic shard
 ATTN_PATTERNS = [  # (label, regex over CUDA kernel names)
     ("cudnn", r"cudnn.*(sdpa|fmha|flash|fprop|bprop)|sdpa.*cudnn|fort_native_sdpa"),
     ("flash", r"flash_(fwd|bwd)|pytorch_flash|flash::"),
@@ -48,48 +56,85 @@ ATTN_PATTERNS = [  # (label, regex over CUDA kernel names)
 ]
 
 
-# ---- config without Hydra --------------------------------------------------------------------------
+# ---- config through the Hydra compose helper (what `python -m train model=<m> pe=<p>` composes) -----------
 
 
-def _yaml(path: Path) -> dict:
-    import yaml
+def _composed(model: str, pe: str):
+    from pelab.train.config import compose
 
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
-    bad = [k for k, v in d.items() if isinstance(v, str) and "${" in v]
-    if bad:
-        raise SystemExit(f"{path}: interpolations in {bad} are not supported by the benchmark (no Hydra here)")
-    return d
+    return compose([f"model={model}", f"pe={pe}"])
 
 
-def model_config(model: str, pe: str, backend: str, seq_len: int, vocab: int = 50257):
+def model_config(model: str, pe: str, backend: str, seq_len: int, docs: bool = False, vocab: int = 50257):
     from pelab.models.config import GPTConfig
+    from pelab.train.config import to_dict
 
-    m = _yaml(ROOT / "conf" / "model" / f"{model}.yaml")
-    m = {k: v for k, v in m.items() if k in GPTConfig.__dataclass_fields__}
+    cfg = _composed(model, pe)
+    m = to_dict(cfg.model)
     m["vocab_size"] = m.get("vocab_size") or vocab
     m["max_seq_len"] = max(int(m.get("max_seq_len") or seq_len), seq_len)
-    m["pe"] = _yaml(ROOT / "conf" / "pe" / f"{pe}.yaml")
+    m["pe"] = to_dict(cfg.pe)
     m["attention_backend"] = backend
+    if docs:
+        m.update(document_mask=True, eot_id=EOT)
     return GPTConfig.from_dict(m)
 
 
 def optim_config() -> dict:
-    return _yaml(ROOT / "conf" / "optim" / "adamw.yaml")
+    from pelab.train.config import to_dict
+
+    return to_dict(_composed("gpt_tiny", "rope").optim)
+
+
+def all_pes() -> list[str]:
+    from pelab.models.pe import available
+
+    return available()
+
+
+def applicable_backends(model: str, pe: str, backends: list[str], seq_len: int) -> dict[str, str]:
+    """{backend: kernel it runs} for the backends that can run this cell's training-step attention
+    (`auto` included, resolved to its kernel), from one layer built on the GPU."""
+    import torch
+    from pelab.models.attention import CausalSelfAttention
+    from pelab.models.kernels import select_kernel
+
+    cfg = model_config(model, pe, "auto", seq_len)
+    attn = CausalSelfAttention(cfg, 0).cuda()
+    x = torch.randn(1, seq_len, cfg.d_model, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        q, k, v, bias = attn.project(x, torch.arange(seq_len, device="cuda"))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = {}
+    for name in backends:
+        try:
+            out[name] = select_kernel(q, k, v, bias, name).name
+        except (ValueError, RuntimeError):
+            pass
+    return out
 
 
 # ---- data: the framework's sampler over a synthetic shard --------------------------------------------
 
 
-def write_synthetic_shard(folder: Path, n_tokens: int, vocab: int = 50257, seed: int = 0) -> Path:
+def synthetic_tokens(n_tokens: int, vocab: int = 50257, seed: int = 0, max_doc: int = 2048):
+    """Random token ids in documents of 1..max_doc tokens, each opened by EOT (the shard format)."""
     import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, EOT, size=n_tokens, dtype=np.int64)
+    starts = np.cumsum(rng.integers(1, max_doc + 1, size=n_tokens // max(1, max_doc // 4)))
+    tokens[np.concatenate(([0], starts[starts < n_tokens]))] = EOT
+    return tokens.astype(np.uint16)
+
+
+def write_synthetic_shard(folder: Path, n_tokens: int) -> Path:
     from pelab.data.shards import write_shard
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "bench_train_000001.bin"
     if not path.exists():
-        rng = np.random.default_rng(seed)
-        write_shard(path, rng.integers(0, vocab, size=n_tokens, dtype=np.int64).astype(np.uint16))
+        write_shard(path, synthetic_tokens(n_tokens))
     return path
 
 
@@ -136,7 +181,7 @@ def run_cell(spec: dict) -> dict:
     if cuda:
         torch.set_float32_matmul_precision("high")
     T, mb, accum = spec["seq_len"], spec["micro_batch"], spec["accum"]
-    cfg = model_config(spec["model"], spec["pe"], spec["backend"], T)
+    cfg = model_config(spec["model"], spec["pe"], spec["backend"], T, spec.get("docs", False))
     cell = describe(cfg, T)
     tokens_per_step = mb * T * accum
     warm, steps = spec["warmup"], spec["steps"]
@@ -364,8 +409,10 @@ def _isolated_timings(model, cfg, mb: int, T: int, backend: str, accum: int, ste
     attn = model.blocks[0].attn
     x = torch.randn(mb, T, cfg.d_model, device=dev) * 0.5
     pos = torch.arange(T, device=dev)
+    ids = torch.from_numpy(synthetic_tokens(mb * T, seed=1).astype("int64")).view(mb, T).to(dev)
+    doc = model.document_ids(ids)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        q, k, v, bias = attn.project(x, pos)
+        q, k, v, bias = attn.project(x, pos, doc)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     leaves = [q, k, v]
     if isinstance(bias, LowRankBias):
@@ -378,13 +425,14 @@ def _isolated_timings(model, cfg, mb: int, T: int, backend: str, accum: int, ste
         alpha = bias.alpha.detach().clone().requires_grad_(bias.alpha.requires_grad)
         bias = PathSumBias(qp, kp, alpha, bias.scale)
         leaves += [t for t in (qp, kp, alpha) if t.requires_grad]
-    name = select_kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, backend).name
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    name = select_kernel(qh, kh, vh, bias, backend, docs=doc is not None).name
     do = torch.randn_like(q)
 
     def fb():
         for t in leaves:
             t.grad = None
-        attend(q, k, v, bias, backend=backend).backward(do)
+        attend(q, k, v, bias, backend=backend, doc_ids=doc).backward(do)
 
     try:
         ms = _time_ms(fb)
@@ -473,11 +521,17 @@ def micro(args) -> list[dict]:
         return row
 
     base = bench("causal", "cudnn", B)
+    backends = args.micro_backends.split(",")
+    if "fa4" in backends:
+        bench("causal", "fa4", B)
     kinds = args.micro_kinds.split(",")
     for kind in kinds:
-        bench(kind, "triton", B)
-        if kind != "grape_ap" and args.micro_flex:
-            bench(kind, "flex", B)
+        for backend in backends:
+            if backend == "flex" and kind == "grape_ap":
+                continue
+            if backend == "fa4" and kind in ("grape_a_k", "grape_a_qk", "grape_ap"):
+                continue  # fa4 does not take their key-side gradients (models/kernels/fa4.py)
+            bench(kind, backend, B)
         if args.micro_dense and kind in ("alibi", "grape_a_qk", "grape_ap"):
             bench(kind, "sdpa_dense_bias", 1, "timed at B=1, scaled to B")
     # launch-config sweep of the triton kernels (one kernel's config varied at a time)
@@ -494,80 +548,6 @@ def micro(args) -> list[dict]:
     for r in rows:
         if "fwd_bwd_ms" in r:
             r["x_cudnn"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
-    return rows
-
-
-AP_VARIANTS = [  # (name, {kernel: (BLOCK_M, BLOCK_N, warps, stages)}) for --ap-debug
-    ("default", {}),
-    ("dkdv32", {"dkdv": (32, 64, 4, 2)}),
-    ("dkdv64-8w", {"dkdv": (64, 64, 8, 2)}),
-]
-
-
-def ap_debug(args) -> list[dict]:
-    """GRAPE-AP triton kernel: per launch-config variant, accuracy vs the fp32 reference at B1 H4
-    T4096 D128 (NaN check of every output) and fwd+bwd time at the training shape. Writes the fastest
-    variant whose outputs are all finite and within 5x bf16 error to --ap-best (JSON for
-    PELAB_TRITON_CONFIGS)."""
-    import torch
-    from pelab.models.kernels import attend, triton_pathsum
-    from pelab.models.kernels.testing import leaf_bias, realistic_biases
-    from triton.testing import do_bench
-
-    dev = torch.device("cuda")
-    D = args.head_dim
-    keep = {k: v[D] for k, v in triton_pathsum.CONFIGS.items()}
-    rows = []
-    rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm()).item()  # noqa: E731
-    for name, cfg in AP_VARIANTS:
-        for k, v in keep.items():
-            triton_pathsum.CONFIGS[k][D] = cfg.get(k, v)
-        row = {"variant": name, "configs": {k: triton_pathsum.CONFIGS[k][D] for k in keep}}
-        try:
-            g = torch.Generator(device=dev).manual_seed(5)
-            B, H, T = 1, 4, args.seq_len
-            bias, leaves = realistic_biases(B, H, T, dev, g)["grape_ap"]
-            q, k, v = (torch.randn(B, T, H, D, device=dev, generator=g).requires_grad_() for _ in range(3))
-            do = torch.randn(B, T, H, D, device=dev, generator=g)
-            qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
-            out = attend(qb, kb, vb, bias, backend="triton")
-            got = [out, *torch.autograd.grad(out, [qb, kb, vb] + leaves, do.bfloat16(), retain_graph=True)]
-            out = attend(q, k, v, bias, backend="eager")
-            ref = [out, *torch.autograd.grad(out, [q, k, v] + leaves, do, retain_graph=True)]
-            errs = [rel(x, y) for x, y in zip(got, ref)]
-            row["errs"] = dict(zip(["out", "dq", "dk", "dv", "dqp", "dkp"], errs))
-            row["finite"] = all(bool(torch.isfinite(x).all()) for x in got)
-            del got, ref, out
-            torch.cuda.empty_cache()
-            Bx = args.micro_batch
-            bias, leaves = leaf_bias("grape_ap", Bx, args.heads, T, dev, g)
-            q, k, v = (
-                torch.randn(Bx, T, args.heads, D, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
-                for _ in range(3)
-            )
-            do = torch.randn_like(q)
-
-            def fb():
-                for t in [q, k, v] + leaves:
-                    t.grad = None
-                attend(q, k, v, bias, backend="triton").backward(do)
-
-            fb()
-            torch.cuda.synchronize()
-            row["fwd_bwd_ms"] = do_bench(fb, warmup=10, rep=50, return_mode="median")
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if "error" in row and "illegal" in row["error"]:
-            break  # the context is gone
-    for k, v in keep.items():
-        triton_pathsum.CONFIGS[k][D] = v
-    ok = [r for r in rows if r.get("finite") and "fwd_bwd_ms" in r and max(r["errs"].values()) < 5e-2]
-    if ok and args.ap_best:
-        best = min(ok, key=lambda r: r["fwd_bwd_ms"])
-        Path(args.ap_best).write_text(json.dumps({"pathsum": best["configs"]}))
-        print("best", json.dumps(best), flush=True)
     return rows
 
 
@@ -624,10 +604,9 @@ LOWRANK_SWEEP = {  # one kernel's config varied at a time (bench/NOTES.md)
     "fwd": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
     "dkdv": [(64, 128, 8, 3), (64, 64, 4, 2)],
 }
-PATHSUM_SWEEP = {
-    "dkdv": [(32, 64, 4, 3), (32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2)],
-    "dq": [(64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
-    "fwd": [(128, 32, 8, 2), (64, 64, 4, 2)],
+PATHSUM_SWEEP = {  # BLOCK_M a multiple of BLOCK_N; bench.pathsum also checks each variant's accuracy
+    "fwd": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    "bwd": [(128, 32, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2)],
 }
 
 
@@ -638,12 +617,41 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _cell_key(r: dict) -> tuple:
+    return r["model"], r["pe"], r["backend"], r["micro_batch"], bool(r.get("docs"))
+
+
+def _measured(rows: list[dict]) -> dict[tuple, dict]:
+    return {_cell_key(r) + (r["seq_len"],): r for r in rows if "tokens_per_s" in r}
+
+
+def rope_row(rows: list[dict], r: dict) -> dict | None:
+    """The RoPE `auto` cell (no document masking) of r's model and length, at r's micro-batch if
+    measured: the x RoPE yardstick."""
+    refs = [
+        x
+        for k, x in _measured(rows).items()
+        if k[:3] == (r["model"], "rope", "auto") and k[4:] == (False, r["seq_len"])
+    ]
+    return min(refs, key=lambda x: x["micro_batch"] != r["micro_batch"], default=None)
+
+
+def no_docs_row(rows: list[dict], r: dict) -> dict | None:
+    """The cell r without document masking (None for a cell without it)."""
+    if not r.get("docs"):
+        return None
+    return _measured(rows).get(_cell_key(r)[:4] + (False, r["seq_len"]))
+
+
+def _pe_label(r: dict) -> str:
+    return r["pe"] + ("+docs" if r.get("docs") else "")
+
+
+def _kernels(r: dict) -> str:
+    return ",".join(sorted(set(r.get("kernels_used", {}).values()))) or r.get("attn_isolated_kernel", "?")
+
+
 def table(rows: list[dict]) -> str:
-    ref = {
-        (r["model"], r["seq_len"]): r
-        for r in rows
-        if r.get("pe") == "rope" and r.get("backend") == "auto" and "tokens_per_s" in r
-    }
     hdr = (
         f"{'model':<9} {'pe':<11} {'backend':<15} {'mb':>3} {'tok/s':>9} {'MFU':>6} {'step ms':>8} {'peak GiB':>8} "
         f"{'attn%':>6} {'CE%':>5} {'x tok/s':>7} {'x mem':>6} {'syncs':>5}  kernel"
@@ -656,29 +664,46 @@ def table(rows: list[dict]) -> str:
             r["ce_share"] = ce * r.get("accum", 1) / r["step_ms"]
         if "tokens_per_s" not in r:
             lines.append(
-                f"{r['model']:<9} {r['pe']:<11} {r['backend']:<15} {r['micro_batch']:>3}  FAILED: "
+                f"{r['model']:<9} {_pe_label(r):<11} {r['backend']:<15} {r['micro_batch']:>3}  FAILED: "
                 f"{r.get('error', '?')[:100]}"
             )
             continue
-        base = ref.get((r["model"], r["seq_len"]))
+        base = rope_row(rows, r)
         xt = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         xm = r["peak_alloc_gib"] / base["peak_alloc_gib"] if base and r.get("peak_alloc_gib") else None
         share = r.get("attn_share") if r.get("attn_share") else r.get("attn_isolated_share")
-        kern = ",".join(sorted(set(r.get("kernels_used", {}).values()))) or r.get("attn_isolated_kernel", "?")
+        kern = _kernels(r)
         lines.append(
-            f"{r['model']:<9} {r['pe']:<11} {r['backend']:<15} {r['micro_batch']:>3} {r['tokens_per_s']:>9,.0f} "
+            f"{r['model']:<9} {_pe_label(r):<11} {r['backend']:<15} {r['micro_batch']:>3} {r['tokens_per_s']:>9,.0f} "
             f"{100 * r['mfu']:>5.1f}% {r['step_ms']:>8.1f} {_fmt(r.get('peak_alloc_gib'), '8.1f')} "
             f"{_fmt(None if share is None else 100 * share, '5.1f')}% "
             f"{_fmt(None if r.get('ce_share') is None else 100 * r['ce_share'], '4.1f')}% "
             f"{_fmt(xt, '7.3f')} {_fmt(xm, '6.2f')} {_fmt(r.get('host_syncs_in_step'), '5d')}  {kern}"
         )
+    for r in rows:
+        plain = no_docs_row(rows, r)
+        if plain and "tokens_per_s" in r:
+            mem = (
+                r.get("peak_alloc_gib")
+                and plain.get("peak_alloc_gib")
+                and r["peak_alloc_gib"] / plain["peak_alloc_gib"]
+            )
+            lines.append(
+                f"document masking, {r['pe']} {r['backend']} ({_kernels(r)} vs {_kernels(plain)}): "
+                f"{r['tokens_per_s'] / plain['tokens_per_s']:.3f}x tokens/s, "
+                f"{_fmt(mem or None, '.2f')}x peak memory of the same cell without it"
+            )
     dense = [r for r in rows if r.get("backend") == "sdpa_dense_bias" and "tokens_per_s" in r]
     for d in dense:
         ours = next(
             (
                 r
                 for r in rows
-                if r["pe"] == d["pe"] and r["backend"] == "auto" and r["model"] == d["model"] and "tokens_per_s" in r
+                if r["pe"] == d["pe"]
+                and r["backend"] == "auto"
+                and r["model"] == d["model"]
+                and not r.get("docs")
+                and "tokens_per_s" in r
             ),
             None,
         )
@@ -694,7 +719,18 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gpt_355m")
-    ap.add_argument("--pes", default="rope,nope")
+    ap.add_argument(
+        "--pes",
+        default="all",
+        help="comma list, or all (the registry); pe@backend[:mb] forces a cell's backend, pe+docs masks documents",
+    )
+    ap.add_argument(
+        "--backends",
+        default="auto",
+        help="per PE, a cell for each of these backends that runs its training step (beside auto's choice)",
+    )
+    ap.add_argument("--docs", default="", help="PEs (comma list or all) that also get a document-masked auto cell")
+    ap.add_argument("--latest", default="bench/results/latest.json", help="one JSON object per cell ('' to skip)")
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=20)
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -715,13 +751,9 @@ def main(argv=None) -> None:
     ap.add_argument("--micro", action="store_true", help="attention-kernel micro-benchmark instead of training cells")
     ap.add_argument("--micro-kinds", default="alibi,fox,grape_a_q,grape_a_k,grape_a_qk,grape_ap")
     ap.add_argument("--micro-dense", action="store_true")
-    ap.add_argument("--micro-flex", type=int, default=1, help="with --micro: also time flex (0/1)")
+    ap.add_argument("--micro-backends", default="triton,flex,fa4", help="with --micro: backends per bias kind")
     ap.add_argument("--micro-log", default="", help="with --micro: append each row to this JSON-lines file")
     ap.add_argument("--micro-ce", action="store_true", help="time the fused LM-head cross-entropy variants")
-    ap.add_argument(
-        "--ap-debug", action="store_true", help="GRAPE-AP kernel launch-config variants: NaN/accuracy + time"
-    )
-    ap.add_argument("--ap-best", default="", help="with --ap-debug: write the best valid config here")
     ap.add_argument("--sweep", action="store_true", help="with --micro: sweep the triton launch configs")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--ce-dim", type=int, default=1024)
@@ -747,10 +779,6 @@ def main(argv=None) -> None:
         return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.ap_debug:
-        rows = ap_debug(args)
-        out.write_text(json.dumps(rows, indent=1))
-        return
     if args.micro_ce:
         rows = micro_ce(args)
         out.write_text(json.dumps(rows, indent=1))
@@ -768,29 +796,42 @@ def main(argv=None) -> None:
         return
 
     rows = json.loads(Path(args.previous).read_text()) if args.previous else []
-    done = {(r["model"], r["pe"], r["backend"], r["micro_batch"]) for r in rows if "tokens_per_s" in r}
-    # "pe@backend" forces a backend for one cell, "pe@backend:mb" also its micro-batch
-    cells = []
+    done = {_cell_key(r) for r in rows if "tokens_per_s" in r}
+    pes = ",".join(all_pes()) if args.pes == "all" else args.pes
+    with_docs = set(all_pes() if args.docs == "all" else filter(None, args.docs.split(",")))
+    extra = [b for b in args.backends.split(",") if b and b != "auto"]
+    cells = []  # (model, pe, backend, micro-batch, document masking)
     for m in args.models.split(","):
-        for p in filter(None, args.pes.split(",")):
-            pe, _, rest = p.partition("@")
+        for p in filter(None, pes.split(",")):
+            name, _, rest = p.partition("@")
+            pe, _, flag = name.partition("+")
+            if flag not in ("", "docs"):
+                raise SystemExit(f"--pes: {p!r}: the only suffix is +docs (document masking)")
             backend, _, mb = rest.partition(":")
-            cells.append((m, pe, backend or args.backend, int(mb or args.micro_batch)))
+            cells.append((m, pe, backend or args.backend, int(mb or args.micro_batch), flag == "docs"))
+            if pe in with_docs and not flag and not backend:
+                cells.append((m, pe, args.backend, args.micro_batch, True))
+            if extra and not backend and not flag:
+                runs = applicable_backends(m, pe, ["auto", *extra], args.seq_len)
+                for b in extra:  # a second cell only where the backend is not already auto's kernel
+                    if b in runs and runs[b] != runs.get("auto"):
+                        cells.append((m, pe, b, args.micro_batch, False))
     for item in filter(None, args.dense_ref.split(",")):
         pe, _, mb = item.partition(":")
-        cells.append((args.models.split(",")[0], pe, "sdpa_dense_bias", int(mb or args.micro_batch)))
+        cells.append((args.models.split(",")[0], pe, "sdpa_dense_bias", int(mb or args.micro_batch), False))
     tmp = Path(tempfile.mkdtemp(prefix="pelab_bench_"))
-    need = max(mb for *_, mb in cells) * (args.seq_len + 1) * args.accum * 8 if cells else 0
+    need = max(c[3] for c in cells) * (args.seq_len + 1) * args.accum * 8 if cells else 0
     shard = write_synthetic_shard(tmp, max(8_000_000, need))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for model, pe, backend, mb in cells:
-        if (model, pe, backend, mb) in done:
+    for model, pe, backend, mb, docs in cells:
+        if (model, pe, backend, mb, docs) in done:
             continue
         spec = {
             "model": model,
             "pe": pe,
             "backend": backend,
             "micro_batch": mb,
+            "docs": docs,
             "seq_len": args.seq_len,
             "accum": args.accum,
             "warmup": args.warmup,
@@ -798,13 +839,13 @@ def main(argv=None) -> None:
             "workers": args.workers,
             "compile": not args.no_compile,
             "shard": str(shard),
-            "result": str(tmp / f"{model}-{pe}-{backend}-{mb}.json"),
+            "result": str(tmp / f"{model}-{pe}{'+docs' if docs else ''}-{backend}-{mb}.json"),
             "ce": not any("ce_fb_ms" in r for r in rows),
             "isolated": not args.no_isolated,
         }
         t0 = time.time()
         log = open(out.parent / "cells_detail.log", "a")
-        log.write(f"\n===== {model} {pe} {backend} mb{mb} =====\n")
+        log.write(f"\n===== {model} {pe}{' +docs' if docs else ''} {backend} mb{mb} =====\n")
         log.flush()
         try:
             subprocess.run(
@@ -830,6 +871,7 @@ def main(argv=None) -> None:
             for k in (
                 "model",
                 "pe",
+                "docs",
                 "backend",
                 "micro_batch",
                 "tokens_per_s",
@@ -845,6 +887,43 @@ def main(argv=None) -> None:
         print(json.dumps(brief, default=str), flush=True)
     print()
     print(table(rows))
+    if args.latest:
+        write_latest(rows, Path(args.latest))
+
+
+def write_latest(rows: list[dict], path: Path) -> None:
+    """One object per measured cell: pe, backend (the kernel that ran), document masking, tokens/s,
+    x RoPE, x the same cell without document masking, peak GiB."""
+    import datetime
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    date = datetime.date.today().isoformat()
+    out = []
+    for r in rows:
+        if "tokens_per_s" not in r:
+            continue
+        base, plain = rope_row(rows, r), no_docs_row(rows, r)
+        out.append(
+            {
+                "model": r["model"],
+                "pe": r["pe"],
+                "backend": r["backend"] if r["backend"] != "auto" else f"auto ({_kernels(r)})",
+                "document_mask": bool(r.get("docs")),
+                "micro_batch": r["micro_batch"],
+                "seq_len": r["seq_len"],
+                "tokens_per_s": round(r["tokens_per_s"], 1),
+                "x_rope": None if base is None else round(r["tokens_per_s"] / base["tokens_per_s"], 4),
+                "x_no_docs": None if plain is None else round(r["tokens_per_s"] / plain["tokens_per_s"], 4),
+                "peak_gib": None if r.get("peak_alloc_gib") is None else round(r["peak_alloc_gib"], 2),
+                "attn_share": r.get("attn_share"),
+                "date": date,
+                "gpu": gpu,
+            }
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -85,5 +85,6 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, docs: Tensor | None = None) -> Tensor:
         q, k, v, bias = self.project(x, positions, docs)
-        y = self.pe.transform_output(attend(q, k, v, bias, backend=self.backend, doc_ids=docs), x)
+        scale = self.pe.logit_scale * self.head_dim**-0.5  # the PE's factor (YaRN) survives the QK-norm here
+        y = self.pe.transform_output(attend(q, k, v, bias, backend=self.backend, doc_ids=docs, scale=scale), x)
         return self.o_proj(y.flatten(2))

@@ -8,7 +8,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 from pelab.models.config import GPTConfig
-from pelab.train.config import CONF_DIR, compose, config_error_message, model_config
+from pelab.train.config import CONF_DIR, ConfigError, compose, config_error_message, model_config
 
 from tests.conftest import REPO
 
@@ -36,6 +36,12 @@ def test_defaults_are_the_cpu_default_job():
 
 def test_kv_shift_reaches_the_model():
     assert model_config(compose(["kv_shift=true"])).kv_shift is True
+
+
+def test_attention_backend_is_checked_against_the_kernel_registry():
+    assert model_config(compose(["trainer.attention_backend=fa4"])).attention_backend == "fa4"
+    with pytest.raises(ConfigError, match=r"trainer.attention_backend: unknown attention backend 'fa5'; .*'fa4'"):
+        model_config(compose(["trainer.attention_backend=fa5"]))
 
 
 def test_sweep_cell_dirnames_fit_the_file_system():
@@ -96,11 +102,13 @@ def test_every_model_key_can_be_overridden_without_plus():
 def test_pe_and_optimizer_keys_come_from_the_code():
     import inspect
 
+    from pelab.models.pe.base import PositionalEncoding
     from pelab.models.pe.grape_m import GrapeM
     from pelab.train.optim import adamw
 
     grape = compose(["pe=grape_m"]).pe
-    for name, p in list(inspect.signature(GrapeM.__init__).parameters.items())[2:]:
+    shared = list(inspect.signature(PositionalEncoding.__init__).parameters.items())[2:]  # forwarded: **shared
+    for name, p in list(inspect.signature(GrapeM.__init__).parameters.items())[2:-1] + shared:
         assert grape[name] == p.default, name
     optim = compose([]).optim
     assert list(optim.betas) == [0.9, 0.95] and optim.eps == inspect.signature(adamw).parameters["eps"].default

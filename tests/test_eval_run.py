@@ -20,7 +20,14 @@ import torch
 from tests.conftest import REPO, TINY
 from tests.test_eval_scoring import shared_eval_dir
 
-FAST_EVAL = ["eval.limit=2", "ppl.multiples=[1,2,4]", "retrieval.lengths=[160,256]", "retrieval.depths=[0.0,1.0]"]
+FAST_EVAL = [
+    "eval.limit=2",
+    "ppl.multiples=[1,2,4]",
+    "retrieval.lengths=[160,256]",
+    "retrieval.depths=[0.0,1.0]",
+    "babilong.tasks=[qa1,qa4]",
+    "babilong.lengths=[256]",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,11 +186,13 @@ def test_cli_runs_every_suite_offline(tiny_run, tmp_path):
         "## zeroshot",
         "## ppl_vs_length",
         "## retrieval",
+        "## babilong",
         "| arc_easy |",
         "skipped: not available offline",
     ):
         assert section in md
-    for png in ("eval_ppl_vs_length.png", "eval_retrieval.png"):
+    assert doc["suites"]["babilong"]["tasks"]["qa1"]["per_length"]["256"] is not None
+    for png in ("eval_ppl_vs_length.png", "eval_retrieval.png", "eval_babilong.png"):
         assert (tiny_run / png).stat().st_size > 1000
     assert "eval.json" in proc.stdout
     # Bad input: one clear message, exit 2.

@@ -425,7 +425,7 @@ def test_context_extension_knobs():
     from pelab.models.config import GPTConfig
     from pelab.models.gpt import GPT
     from pelab.models.pe.rope import rope_inv_freq
-    from pelab.train.eval.checkpoint import CheckpointError, adapt_learned_frequencies, build_model
+    from pelab.train.eval.checkpoint import CheckpointError, build_model
 
     tiny = dict(name="t", vocab_size=128, n_layer=2, d_model=64, n_head=2, head_dim=32, mlp_hidden=64)
     # RoPE: overrides go to the constructor (inv_freq is a non-persistent buffer).
@@ -434,15 +434,16 @@ def test_context_extension_knobs():
     model, pe = build_model({**tiny, "pe": {"name": "rope"}}, {"scaling": "yarn", "factor": 4.0}, train_len=64)
     assert pe["original_max_len"] == 64  # defaults to the training length
     assert torch.allclose(model.pes()[0].inv_freq, rope_inv_freq(32, 10000.0, "yarn", 4.0, 64)[0])
-    with pytest.raises(CheckpointError, match="no rotary"):
+    with pytest.raises(CheckpointError, match="pe=alibi cannot extend its context.*grape_m, grape_m_ctx, rope"):
         build_model({**tiny, "pe": {"name": "alibi"}}, {"base": 500000.0}, train_len=64)
     # GRAPE-M: learned frequencies at their RoPE init map exactly onto RoPE's extended frequencies.
-    g = GPT(GPTConfig.from_dict({**tiny, "pe": {"name": "grape_m"}}))
+    trained = {"name": "grape_m", "base": 10000.0}
     for new, want in [
         ({"base": 500000.0}, rope_inv_freq(32, 500000.0)[0]),
         ({"scaling": "linear", "factor": 8.0}, rope_inv_freq(32, 10000.0, "linear", 8.0)[0]),
         ({"scaling": "yarn", "factor": 8.0, "original_max_len": 64}, rope_inv_freq(32, 10000.0, "yarn", 8.0, 64)[0]),
     ]:
-        g.reset_parameters()
-        notes = adapt_learned_frequencies(g, {"name": "grape_m", "base": 10000.0}, {"base": 10000.0, **new})
-        assert notes and torch.allclose(g.pes()[1].freqs()[0], want, rtol=1e-5), new
+        g = GPT(GPTConfig.from_dict({**tiny, "pe": {**trained, **new}}))
+        g.load_state_dict(GPT(GPTConfig.from_dict({**tiny, "pe": trained})).state_dict())  # trained at 10k
+        notes = [pe.extend_context(trained) for pe in g.pes()]
+        assert all(notes) and torch.allclose(g.pes()[1].freqs()[0], want, rtol=1e-5), new

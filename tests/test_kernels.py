@@ -5,7 +5,7 @@ here before the kernels' JIT code is first imported) at tiny shapes: T not a mul
 block, GQA, head dims 16/32/64, ranks 0..4, broadcast factors, FoX-sized cumulative sums, and
 document masking (doc_ids / cu_seqlens).
 GPU (skipped without CUDA): T=4096, bf16, realistic FoX / ALiBi / GRAPE-A / GRAPE-AP values, for
-the triton and flex backends, against an fp32 reference; errors must stay at the level of plain
+the triton, flex and fa4 backends, against an fp32 reference; errors must stay at the level of plain
 bf16 attention.
 """
 
@@ -34,7 +34,7 @@ cpu_kernel_test = pytest.mark.skipif(
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-from pelab.models.kernels import attend, select_kernel, triton_lowrank  # noqa: E402  # noqa: E402
+from pelab.models.kernels import attend, fa4, select_kernel, triton_lowrank  # noqa: E402
 from pelab.models.kernels.bias import LowRankBias, PathSumBias  # noqa: E402
 from pelab.models.kernels.reference import dense_attention  # noqa: E402
 from pelab.models.kernels.testing import realistic_biases  # noqa: E402
@@ -116,6 +116,61 @@ def test_every_kernel_compiles_for_hopper(docs):
     lines = [ln for ln in r.stdout.splitlines() if " cfg=" in ln]
     assert r.returncode == 0 and len(lines) == 5, r.stdout[-3000:] + r.stderr[-3000:]
     assert not [ln for ln in lines if "FAILED" in ln], "\n".join(lines)
+
+
+@pytest.mark.skipif(IN_SUBPROCESS, reason="plain PyTorch: runs in the main test process")
+def test_flex_document_block_mask_matches_create_block_mask():
+    """flex's document BlockMask (block arithmetic on the document bounds) equals create_block_mask's
+    evaluation of the same mask_mod at every (i, j): T a multiple of the block or not, documents
+    starting on block edges, one long document."""
+    from pelab.models.kernels.flex import _document_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g = torch.Generator().manual_seed(0)
+    for B, T, p in [(2, 512, 0.01), (3, 1000, 0.003), (1, 384, 0.0), (2, 256, 0.5)]:
+        starts = torch.rand(B, T, generator=g) < p
+        starts[:, 0] = True
+        starts[0, [128 % T, 255 % T]] = True
+        doc = starts.cumsum(1).to(torch.int32)
+        mine = _document_block_mask(doc)
+        mask_mod = lambda b, h, q, kv, doc=doc: (q >= kv) & (doc[b, q] == doc[b, kv])  # noqa: E731
+        ref = create_block_mask(mask_mod, B, None, T, T, device="cpu")
+        for side in ("kv", "full_kv", "q", "full_q"):
+            num = getattr(mine, f"{side}_num_blocks")
+            assert torch.equal(num, getattr(ref, f"{side}_num_blocks")), (B, T, side)
+            idx, ref_idx = getattr(mine, f"{side}_indices"), getattr(ref, f"{side}_indices")
+            for b in range(B):
+                for row in range(num.shape[-1]):
+                    n = int(num[b, 0, row])
+                    assert torch.equal(idx[b, 0, row, :n].sort().values, ref_idx[b, 0, row, :n].sort().values)
+
+
+@pytest.mark.skipif(IN_SUBPROCESS, reason="plain PyTorch: runs in the main test process")
+def test_chunked_is_one_opaque_op_under_compile():
+    """The chunked kernel (a custom op) compiles without graph breaks and matches the dense reference
+    in every gradient, for a path-sum bias with documents (the GRAPE-AP + document-masking path)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(6)
+    B, H, T, D = 2, 2, 80, 16
+    bias, leaves = realistic_biases(B, H, T, "cpu", g)["grape_ap"]
+    q, k, v = (torch.randn(B, T, H, D, generator=g).requires_grad_() for _ in range(3))
+    doc = (torch.rand(B, T, generator=g) < 0.05).cumsum(1).to(torch.int32)
+    ins = [q, k, v, *leaves]
+
+    def run(qp, kp, backend):
+        return attend(q, k, v, PathSumBias(qp, kp, bias.alpha, bias.scale), backend=backend, doc_ids=doc)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda qp, kp: run(qp, kp, "chunked"), fullgraph=True)
+    got = _grads(lambda: compiled(*leaves), ins, torch.ones(B, T, H, D))
+    ref = _grads(lambda: run(*leaves, "eager"), ins, torch.ones(B, T, H, D))
+    assert not counters["graph_break"]
+    for x, y in zip(got, ref):
+        assert _rel(x, y) < CPU_TOL
+    torch._dynamo.reset()
 
 
 @contextmanager
@@ -374,7 +429,7 @@ def test_model_end_to_end_triton_vs_eager(pe, compiled, docs):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("pe", ["alibi", "fox", "fox_fp32delta", "grape_a_qk", "grape_ap"])
-@pytest.mark.parametrize("backend", ["triton", "flex"])
+@pytest.mark.parametrize("backend", ["triton", "flex", "fa4"])
 def test_gpu_t4096_bf16(pe, backend, monkeypatch):
     """bf16 kernels vs the fp32 reference at T=4096 with realistic values. The yardstick per output is
     what bf16 costs anyway: the same fp32 reference fed bf16-rounded q/k/v (input rounding, which
@@ -382,6 +437,10 @@ def test_gpu_t4096_bf16(pe, backend, monkeypatch):
     bf16 SDPA's own error for out/dq/dk/dv."""
     if backend == "flex" and pe in ("grape_ap", "fox_fp32delta"):
         pytest.skip("flex has no path-sum bias / no fp32-delta option")
+    if backend == "fa4" and pe in ("grape_a_qk", "grape_ap", "fox_fp32delta"):
+        pytest.skip("fa4 takes no rank-3 key-side gradients / path-sum bias / fp32-delta option")
+    if backend == "fa4" and not fa4.available():
+        pytest.skip("flash-attn-4 is not installed (pip install pelab[flash])")
     tag = pe
     if pe == "fox_fp32delta":
         pe = "fox"

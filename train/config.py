@@ -30,6 +30,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from pelab.data.tokenizer import tokenizer_from_cfg
 from pelab.models import pe as pe_registry
 from pelab.models.config import GPTConfig
+from pelab.models.kernels import check_backend
 from pelab.train import optim
 from pelab.train.eval import suites
 from pelab.train.schema import EvalRunConfig, TrainConfig, options_dataclass
@@ -237,6 +238,10 @@ def model_config(cfg: DictConfig, *, vocab_size: int | None = None) -> GPTConfig
     d["kv_shift"] = bool(cfg.kv_shift)
     backend = OmegaConf.select(cfg, "trainer.attention_backend")
     if backend:
+        try:
+            check_backend(backend)
+        except ValueError as e:
+            raise ConfigError(f"trainer.attention_backend: {e}") from None
         d["attention_backend"] = backend
     if d.get("document_mask") and d.get("eot_id") is None:  # documents begin with the tokenizer's eot
         d["eot_id"] = tokenizer_from_cfg(cfg.data.tokenizer).eot_id

@@ -2,7 +2,8 @@
 
 `logger=wandb`: one W&B run per training job, created on global rank 0 only. Project/entity from
 the config; group = the sweep (`logger.group`, else `experiment_name`, else $PELAB_SWEEP_ID, else
-the Hydra `experiment=` choice, else the Hydra multirun directory name); name
+the Hydra `experiment=` choice, else the Hydra multirun directory name); job_type
+`{model}-{pe}[-kvshift]-{hash}`, shared by runs that differ only in seed (train.groups); name
 `{model}-{pe}[-kvshift]-s{seed}`; tags model/pe/data; the full resolved config. The run id lives in
 `<run_dir>/wandb_id.txt` (the group in `wandb_group.txt`), so a resumed or requeued job continues the
 same run (`resume="allow"`).
@@ -26,6 +27,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from pelab.data.atomic import atomic_write_text
+from pelab.train.groups import job_type
 from pelab.train.metrics import SECTIONS
 
 log = logging.getLogger("pelab")
@@ -114,6 +116,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             project=cfg.logger.project,
             entity=cfg.logger.entity,
             group=group,
+            job_type=job_type(OmegaConf.to_container(cfg, resolve=True)),  # runs differing only in seed share it
             name=run_display_name(cfg),
             tags=[f"model:{cfg.model.name}", f"pe:{cfg.pe.name}", f"data:{cfg.data.name}", *cfg.logger.tags],
             id=run_id,

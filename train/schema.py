@@ -122,7 +122,8 @@ class TrainerConfig:
     precision: str = "auto"
     # auto: torch.compile on GPU, off on CPU.
     compile: Any = "auto"
-    # auto | cudnn | sdpa_flash | sdpa | flash_attn | flex | flex_const | triton | chunked | eager | sdpa_dense_bias
+    # auto | fa4 | cudnn | sdpa_flash | sdpa | flex | flex_const | triton | chunked | eager | sdpa_dense_bias
+    # (| flash_attn if installed): the kernels registered in pelab.models.kernels; train.config checks it.
     attention_backend: str = "auto"
     seq_len: int = 128
     micro_batch_size: int = 4

@@ -9,7 +9,9 @@
     multirun would relaunch the whole sweep in every rank; use hydra/launcher=slurm (srun ranks).
   * `on_multirun_end`: writes `<sweep dir>/summary.json` and `summary.csv` (one row per cell:
     overrides, status ok/failed/missing with the error, final val/train loss, tokens/s, steps, run
-    dir) and prints the table. If any cell did not finish, the multirun exits non-zero after that.
+    dir, the cell's group over seeds with its mean and 95% interval) and prints the table; summary.json
+    also holds the grouped table and the differences from RoPE (`train.report.sweep_groups`). If any
+    cell did not finish, the multirun exits non-zero after that.
 - `record_cell` (called by `train.__main__.main` in multirun jobs): writes `<cell dir>/status.json`,
   so a failed cell is recorded and the launcher goes on with the next cell (Hydra's local launcher
   would otherwise stop the sweep at the first exception). Single runs still raise and exit non-zero.
@@ -42,6 +44,7 @@ from pelab.data.ready import ensure_prepared
 from pelab.train import slurm
 from pelab.train.config import config_error_message
 from pelab.train.plan import world_size
+from pelab.train.report import SWEEP_COLUMNS, sweep_groups
 
 log = logging.getLogger("pelab")
 
@@ -251,10 +254,15 @@ def summarize(sweep_dir: Path, cells: list[tuple[str, str]] | None = None) -> li
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    summary = {"sweep_dir": str(sweep_dir), "cells": len(rows), "counts": counts, "rows": rows}
+    # The finished cells grouped over seeds (as train.report does): summary.json's groups/differences, and
+    # each row's group columns.
+    grouped, group_columns = sweep_groups([r["run_dir"] for r in rows if r["status"] == "ok"])
+    for r in rows:
+        r.update(group_columns.get(r["run_dir"], {}))
+    summary = {"sweep_dir": str(sweep_dir), "cells": len(rows), "counts": counts, "rows": rows, **grouped}
     atomic_write_json(sweep_dir / "summary.json", summary, default=str)
     with atomic_open(sweep_dir / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS + SWEEP_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     return rows

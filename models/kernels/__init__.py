@@ -1,10 +1,11 @@
 """One entry point for causal attention: `attend(q, k, v, bias, backend=...)`.
 
 Kernels register here with a `supports` predicate and a priority; `backend="auto"` runs the
-highest-priority kernel that supports the inputs (device, dtype, bias type, grad needs), and an
-explicit name runs that kernel or fails with the list of kernels that would work. Kernels know
-bias *types* (`LowRankBias`, `PathSumBias`), never positional-encoding names. The first use of
-each (kernel, input kind) is logged, and `kernels_used()` reports them for benchmarks.
+highest-priority kernel that supports the inputs (device, dtype, bias type, grad needs) and, where it
+registered an `auto` predicate, was measured fastest for them; an explicit name runs that kernel or
+fails with the list of kernels that would work. Kernels know bias *types* (`LowRankBias`,
+`PathSumBias`), never positional-encoding names. The first use of each (kernel, input kind) is
+logged, and `kernels_used()` reports them for benchmarks.
 
 Document masking (`attend(..., doc_ids=...)`, see `models.kernels.documents`) is a separate
 capability: a kernel registered with a `doc_supports` predicate takes `run(..., doc_ids=ids)`; the
@@ -38,6 +39,8 @@ class Kernel:
     supports: SupportsFn
     run: KernelFn
     doc_supports: SupportsFn | None = None  # None: cannot mask documents
+    auto: SupportsFn | None = None  # None: `auto` may pick it wherever it runs
+    missing: Callable[[], str | None] | None = None  # why it cannot run on this machine (an extra not installed)
 
     def can_run(self, q, k, v, bias, docs: bool) -> bool:
         if docs:
@@ -49,16 +52,23 @@ _KERNELS: dict[str, Kernel] = {}
 _USED: dict[tuple[str, str], str] = {}
 
 
-def register_kernel(name: str, priority: int, supports, run, doc_supports=None) -> None:
-    _KERNELS[name] = Kernel(name, priority, supports, run, doc_supports)
+def register_kernel(name: str, priority: int, supports, run, doc_supports=None, auto=None, missing=None) -> None:
+    _KERNELS[name] = Kernel(name, priority, supports, run, doc_supports, auto, missing)
 
 
 def kernel_names() -> list[str]:
     return sorted(_KERNELS)
 
 
+def check_backend(backend: str) -> None:
+    """ValueError unless `backend` is `auto` or a registered kernel (what `trainer.attention_backend` takes)."""
+    if backend != "auto" and backend not in _KERNELS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose auto or one of {kernel_names()}")
+
+
 def kernels_used() -> dict[str, str]:
-    """{input kind: kernel name} for every attention call made so far in this process."""
+    """{input kind: kernel name} for every attention call made so far in this process; calls without
+    gradients (validation, evaluation) count as their own kind, since `auto` may choose differently there."""
     return {kind: name for (kind, _), name in _USED.items()}
 
 
@@ -73,8 +83,7 @@ def select_kernel(
 ) -> Kernel:
     """The kernel for these inputs; docs=True: the call carries document ids."""
     if backend != "auto":
-        if backend not in _KERNELS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose auto or one of {kernel_names()}")
+        check_backend(backend)
         kernel = _KERNELS[backend]
         if not kernel.can_run(q, k, v, bias, docs):
             ok = sorted(n.name for n in _KERNELS.values() if n.can_run(q, k, v, bias, docs))
@@ -83,13 +92,16 @@ def select_kernel(
                     f"attention backend {backend!r} cannot apply document masking (doc_ids) to "
                     f"{_kind(q, bias)} inputs; backends that can: {ok}"
                 )
+            why = kernel.missing() if kernel.missing else None
+            if why:
+                raise ValueError(f"attention backend {backend!r} cannot run here: {why}; backends that can: {ok}")
             raise ValueError(
                 f"attention backend {backend!r} cannot run {_kind(q, bias, docs)} inputs "
                 f"(head_dim {q.shape[-1]}); backends that can: {ok}"
             )
         return kernel
     for kernel in sorted(_KERNELS.values(), key=lambda x: -x.priority):
-        if kernel.can_run(q, k, v, bias, docs):
+        if kernel.can_run(q, k, v, bias, docs) and (kernel.auto is None or kernel.auto(q, k, v, bias)):
             return kernel
     raise RuntimeError(f"no attention kernel supports {_kind(q, bias, docs)}")
 
@@ -114,7 +126,8 @@ def attend(
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     docs = doc_ids is not None
     kernel = select_kernel(qh, kh, vh, bias, backend, docs)
-    key = (_kind(q, bias, docs), kernel.name)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (_kind(q, bias, docs) + ("" if grad else " no-grad"), kernel.name)
     if key not in _USED and not torch.compiler.is_compiling():
         log.info("attention kernel: %s for %s inputs", kernel.name, key[0])
     _USED[key] = kernel.name
@@ -192,9 +205,15 @@ def _register_builtin() -> None:
     # asked for; "flex_const" is the same kernel, preferred automatically for biases without gradients
     # (ALiBi), where it measured faster than the triton kernel (bench/NOTES.md).
     register_kernel("flex", 52, flex.supports, flex.run, doc_supports=flex.supports_docs)
-    register_kernel("flex_const", 56, flex.supports_constant, flex.run, doc_supports=flex.supports_constant)
+    register_kernel("flex_const", 56, flex.supports_constant, flex.run, doc_supports=flex.supports_constant_docs)
+    # FlashAttention-4 (extra [flash]): plain causal, constant biases and the low-rank biases whose factor
+    # gradients it computes exactly (models/kernels/fa4.py); `auto` takes it where the H200 measured it
+    # fastest (fa4.AUTO: plain causal and constant biases).
+    from pelab.models.kernels import fa4
+
+    register_kernel("fa4", 75, fa4.supports, fa4.run, auto=fa4.auto_preferred, missing=fa4.missing)
     try:
-        from pelab.models.kernels import flash_attn_kernel  # noqa: F401  (optional extra [flash])
+        from pelab.models.kernels import flash_attn_kernel  # noqa: F401  (FlashAttention-2, if installed)
     except ImportError:
         pass
 
@@ -216,6 +235,7 @@ __all__ = [
     "LowRankBias",
     "PathSumBias",
     "attend",
+    "check_backend",
     "doc_ids_from_cu_seqlens",
     "doc_ids_from_tokens",
     "kernel_names",

@@ -9,7 +9,7 @@ diagonal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,32 @@ from torch import Tensor
 
 
 class AttentionBias:
-    """bias[b, h, i, j] added to the scaled scores q_i . k_j / sqrt(D) before the softmax."""
+    """bias[b, h, i, j] added to the scaled scores q_i . k_j / sqrt(D) before the softmax.
+
+    Subclasses are dataclasses of tensors and floats; `flatten` / `unflatten` pass them through custom
+    ops, whose signatures take tensors and numbers only."""
+
+    _TYPES: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        AttentionBias._TYPES[cls.__name__] = cls
+
+    def flatten(self) -> tuple[str, list[Tensor], list[float]]:
+        """(type name, tensor fields, float fields), each in field order."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        return (
+            type(self).__name__,
+            [v for v in values if isinstance(v, Tensor)],
+            [float(v) for v in values if not isinstance(v, Tensor)],
+        )
+
+    @staticmethod
+    def unflatten(kind: str, tensors: list[Tensor], floats: list[float]) -> AttentionBias:
+        cls = AttentionBias._TYPES[kind]
+        its, itf = iter(tensors), iter(floats)
+        # field types are strings under `from __future__ import annotations`
+        return cls(*(next(its) if f.type in ("Tensor", Tensor) else next(itf) for f in fields(cls)))
 
     def tile(self, rows: slice, n_keys: int) -> Tensor:
         """fp32 (B, H, len(rows), n_keys) bias for queries `rows` against keys 0..n_keys-1."""

@@ -1,4 +1,5 @@
-"""Optional FlashAttention-2 package kernel (`pip install pelab[flash]`); never required.
+"""Optional FlashAttention-2 package kernel, registered when `flash_attn` (2.x) is installed by hand; never
+required (the `[flash]` extra installs FlashAttention-4, models/kernels/fa4.py).
 
 On Hopper cuDNN (through SDPA) is faster and keeps priority; elsewhere flash_attn is preferred
 over SDPA's bundled FlashAttention-2 when installed. Plain causal attention only.

@@ -13,17 +13,20 @@ Pitfalls handled (kernels_and_pe_notes.md section 8.3):
 The bias is evaluated in the row-shifted form sum_r a_r[i] * (b_r[j] - b_r[i]) like the triton
 kernel, so large position or cumulative-gate terms keep their fp32 precision.
 
-Document masking (`doc_ids`): a per-call BlockMask from the mask_mod "causal and same document"
-(it depends on the data, so it is not cached); fully masked blocks are skipped by FlexAttention.
+Document masking (`doc_ids`), outside torch.compile only (`supports_docs`): a per-call BlockMask (it
+depends on the data, so it is not cached) computed from the document bounds at block level, with the
+mask_mod "causal and same document" for the partial blocks; fully masked blocks are skipped.
 """
 
 from __future__ import annotations
 
 import torch
 from pelab.models.kernels.bias import LowRankBias
+from pelab.models.kernels.documents import doc_bounds
 from torch import Tensor
 
 MAX_RANK = 4
+BLOCK = 128  # FlexAttention's default sparse block size
 _INT_LIMIT = 2**31
 _MASKS: dict[tuple[int, str], object] = {}
 _COMPILED: list = []
@@ -70,15 +73,57 @@ def _build_mask(T: int, device: torch.device):
     return _MASKS[key]
 
 
-def _document_block_mask(doc_ids: Tensor):
-    """BlockMask for (B, T) document ids: key j visible to query i iff j <= i and same document."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def _dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., rows, cols) 0/1 block mask -> (blocks per row, their column indices first), int32."""
+    dense = dense.to(torch.int32)
+    order = torch.argsort(dense, dim=-1, descending=True, stable=True)
+    return dense.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous()
+
+
+def _document_block_mask(doc_ids: Tensor, block: int = BLOCK):
+    """BlockMask for (B, T) document ids: key j visible to query i iff j <= i and same document.
+
+    Built from block-level arithmetic on the document bounds (O(B (T/128)^2) work) instead of
+    create_block_mask's evaluation of the mask_mod at all B T^2 (i, j) pairs on every call; both give
+    the same mask (tests). Query block m (rows r0..r1) sees keys start(r0)..r1, since a query's
+    visible keys are start(i)..i and start is non-decreasing; a key block (c0..c1) is fully visible
+    to every row iff c1 <= r0 and start(r1) <= c0. The mask_mod still masks the partial blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T = doc_ids.shape
+    n = -(-T // block)
+    start, _ = doc_bounds(doc_ids)
+    lo = torch.arange(n, device=doc_ids.device) * block  # first row / column of each block
+    hi = torch.clamp(lo + block - 1, max=T - 1)  # last row / column
+    start_lo = start[:, lo][:, None, :, None]  # (B, 1, M, 1): document start of each block's first row
+    start_hi = start[:, hi][:, None, :, None]
+    c_lo, c_hi = lo[None, None, None, :], hi[None, None, None, :]
+    r_lo, r_hi = lo[None, None, :, None], hi[None, None, :, None]
+    visible = (c_lo <= r_hi) & (c_hi >= start_lo)
+    whole = (hi - lo + 1 == block)[None, None, None, :] & (hi - lo + 1 == block)[None, None, :, None]
+    full = (c_hi <= r_lo) & (start_hi <= c_lo) & whole
+    partial = visible & ~full
 
     def document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
-    B, T = doc_ids.shape
-    return create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
+    kv_num, kv_idx = _dense_to_ordered(partial)
+    full_kv_num, full_kv_idx = _dense_to_ordered(full)
+    q_num, q_idx = _dense_to_ordered(partial.transpose(-2, -1))
+    full_q_num, full_q_idx = _dense_to_ordered(full.transpose(-2, -1))
+    return BlockMask(
+        (T, T),
+        kv_num,
+        kv_idx,
+        full_kv_num,
+        full_kv_idx,
+        q_num,
+        q_idx,
+        full_q_num,
+        full_q_idx,
+        (block, block),
+        document_causal,
+    )
 
 
 def causal_block_mask(T: int, device: torch.device):
@@ -174,16 +219,28 @@ def supports_constant(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
 def supports(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
     if bias is None:
         return False  # plain causal: cuDNN / FlashAttention are faster
-    return supports_docs(q, k, v, bias)
+    return _runs(q, k, v, bias)
 
 
-def supports_docs(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
-    """With document ids: also plain causal attention (which cuDNN / FlashAttention cannot mask)."""
+def _runs(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
     if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and available()):
         return False
     if bias is not None and (not isinstance(bias, LowRankBias) or bias.rank > MAX_RANK):
         return False
     return q.shape[-1] in (16, 32, 64, 128) and q.shape[-1] == k.shape[-1] == v.shape[-1]
+
+
+def supports_docs(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
+    """With document ids: also plain causal attention (which cuDNN / FlashAttention cannot mask), but
+    only outside torch.compile. Inside a compiled step the document-masked FlexAttention call hit an
+    illegal memory access on the H200 (torch 2.11: no-grad evaluation with create_block_mask and with
+    `_document_block_mask`, training with the latter; bench/RESULTS.md), so there `auto` takes the
+    triton kernel."""
+    return not torch.compiler.is_compiling() and _runs(q, k, v, bias)
+
+
+def supports_constant_docs(q: Tensor, k: Tensor, v: Tensor, bias) -> bool:
+    return supports_constant(q, k, v, bias) and supports_docs(q, k, v, bias)
 
 
 def run(q, k, v, bias, scale, doc_ids=None):

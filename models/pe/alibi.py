@@ -40,8 +40,8 @@ def slopes_tensor(n: int) -> torch.Tensor:
 
 @register("alibi")
 class ALiBi(PositionalEncoding):
-    def __init__(self, shape):
-        super().__init__(shape)
+    def __init__(self, shape, **shared):
+        super().__init__(shape, **shared)
         self.register_buffer("slopes", slopes_tensor(self.layout().attn_heads), persistent=False)
 
     @torch.no_grad()

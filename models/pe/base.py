@@ -46,11 +46,23 @@ class PositionalEncoding(nn.Module):
 
     # Apply `transform_qk` before the QK-RMSNorm (the GRAPE code's order for rotary PEs).
     before_qk_norm: bool = False
-    # Parameters the PE owns are initialised by the PE itself, never by the backbone's init.
+    # Factor on the attention logits q.k / sqrt(D), applied by the attention layer so that it survives the
+    # QK-RMSNorm (YaRN's attention temperature; 1.0 otherwise).
+    logit_scale: float = 1.0
+    # Parameters the PE owns are initialised by the PE itself (`reset_parameters`, as `init` says), never by the
+    # backbone's init.
+    INITS = ("native", "grape")
 
-    def __init__(self, shape: AttentionShape):
+    def __init__(self, shape: AttentionShape, init: str = "native"):
+        """`shape` is the attention layer's; the keyword options after it are the PE's config keys. The options
+        every PE takes are these, forwarded from each PE's constructor (`**shared`):
+          init: native (the PE's own reference initialisation) | grape (the GRAPE code's global init, which the
+                GRAPE presets train: models.pe.common.grape_global_init_)."""
         super().__init__()
+        if init not in self.INITS:
+            raise ValueError(f"pe.init must be one of {', '.join(self.INITS)}, got {init!r}")
         self.shape = shape
+        self.init = init
 
     def layout(self) -> HeadLayout:
         s = self.shape
@@ -73,6 +85,12 @@ class PositionalEncoding(nn.Module):
     def no_weight_decay(self) -> list[nn.Parameter]:
         """The PE's parameters trained without weight decay (e.g. gate biases); the others are decayed."""
         return []
+
+    def extend_context(self, trained: dict) -> str | None:
+        """Called after loading weights trained with the PE config `trained` into this PE, which was built
+        with the (possibly extended) config it runs with now (context extension: pe.base, pe.scaling, ...):
+        adapt learned state to it. A note on what changed, or None."""
+        return None
 
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:

@@ -13,6 +13,16 @@ def softplus_inverse(y: float) -> float:
     return math.log(math.expm1(float(y)))
 
 
+def grape_global_init_(linear: nn.Linear, d_model: int) -> None:
+    """A PE's Linear layer as the GRAPE code's global init (model/init_utils.py) leaves it: the weight
+    N(0, 0.5/sqrt(d_model)) (it redraws every >= 2-D parameter it does not exclude), the bias at PyTorch's
+    default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (it never touches 1-D parameters)."""
+    nn.init.normal_(linear.weight, 0.0, 0.5 / math.sqrt(d_model))
+    if linear.bias is not None:
+        bound = 1.0 / math.sqrt(linear.in_features)
+        nn.init.uniform_(linear.bias, -bound, bound)
+
+
 def centered_positions(positions: Tensor) -> Tensor:
     """fp32 positions minus the window's middle position.
 

@@ -4,7 +4,9 @@ comparison uses this plain LLaMA-block FoX with QK-RMSNorm, `model/llama-mha-fox
 
 Per attention head a data-dependent scalar forget gate f_t = sigmoid(w_h^T x_t + b_h) (`fgate`:
 Linear(d_model -> H) with bias, on the attention input; init as the FoX code: weights N(0, 0.02),
-bias 0, so f ~ 0.5 at step 0), log f = logsigmoid(logit) in fp32, and the bias
+bias 0, so f ~ 0.5 at step 0; under `init: grape`, as in the GRAPE runs, the GRAPE code's global init
+redraws the weights N(0, 0.5/sqrt(d_model)) and leaves the bias at PyTorch's U(+-1/sqrt(d_model))),
+log f = logsigmoid(logit) in fp32, and the bias
     D_ij = sum_{l=j+1..i} log f_l = c_i - c_j,  c = cumsum(log f) (fp32).
 No rotary. Fast path: c_i is a per-row constant, so the bias is the rank-1 `LowRankBias` with
 q_terms = 1 and k_terms = -c_j (c centred on the window's middle entry to halve magnitudes).
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from pelab.models.kernels.bias import LowRankBias
 from pelab.models.pe import register
 from pelab.models.pe.base import PositionalEncoding
-from pelab.models.pe.common import cache_detached
+from pelab.models.pe.common import cache_detached, grape_global_init_
 from torch import Tensor, nn
 
 
@@ -41,8 +43,9 @@ class FoX(PositionalEncoding):
         output_norm: bool = False,
         init_std: float = 0.02,
         output_norm_eps: float = 1e-5,
+        **shared,
     ):
-        super().__init__(shape)
+        super().__init__(shape, **shared)
         H, D = self.layout().attn_heads, shape.head_dim
         self.init_std, self.output_norm_eps = float(init_std), float(output_norm_eps)
         self.fgate = nn.Linear(shape.d_model, H, bias=True)
@@ -52,10 +55,15 @@ class FoX(PositionalEncoding):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.fgate.weight, 0.0, self.init_std)
-        nn.init.zeros_(self.fgate.bias)
-        if self.ogate is not None:
-            nn.init.normal_(self.ogate.weight, 0.0, self.init_std)
+        if self.init == "grape":  # what the GRAPE runs trained (the GRAPE presets): see grape_global_init_
+            for linear in (self.fgate, self.ogate):
+                if linear is not None:
+                    grape_global_init_(linear, self.shape.d_model)
+        else:
+            nn.init.normal_(self.fgate.weight, 0.0, self.init_std)
+            nn.init.zeros_(self.fgate.bias)
+            if self.ogate is not None:
+                nn.init.normal_(self.ogate.weight, 0.0, self.init_std)
         if self.onorm_weight is not None:
             nn.init.ones_(self.onorm_weight)
 

@@ -11,8 +11,10 @@ w_h = softplus(w_param_h) * alibi_slope_h with w_param = softplus^-1(1) so w_h =
 1.39x (QK) slopes. Heads are the attention heads (n_head); with GQA the key gate of head h reads the
 key of its KV head.
 
-`gate: linear` is the earlier signed form (paper v1 Sec. 4.1 / code 431bad1): lq = v^T q / sqrt(D),
-lk = -u^T k / sqrt(D), i.e. bias = (j - i) w (v^T q_i - u^T k_j) in the paper's notation.
+`gate: linear` is the earlier signed form exactly as the GRAPE code trained it at commit 431bad1 (paper v1
+Sec. 4.1): lq = v^T q, lk = -u^T k (L2-normalised u, v; no 1/sqrt(D)), and an unconstrained w_h initialised
+to +slope_h * init_omega for -Q and -QK and to -slope_h * init_omega for -K (that file's "match ALiBi" sign),
+i.e. bias = (j - i) w (v^T q_i - u^T k_j) in the paper's notation.
 
 Fast path: with positions p (centred on the window) and the per-row constant -w p_i lq_i dropped,
     -w (p_i - p_j)(lq_i + lk_j) == w lq_i * p_j  +  (-w p_i) * lk_j  +  w * (p_j lk_j)
@@ -38,8 +40,8 @@ class _GrapeA(PositionalEncoding):
     key_gate: bool = False
     before_qk_norm = False
 
-    def __init__(self, shape, gate: str = "softplus", init_omega: float = 1.0):
-        super().__init__(shape)
+    def __init__(self, shape, gate: str = "softplus", init_omega: float = 1.0, **shared):
+        super().__init__(shape, **shared)
         if gate not in ("softplus", "linear"):
             raise ValueError(f"GRAPE-A gate must be 'softplus' or 'linear', got {gate!r}")
         self.gate, self.init_omega = gate, float(init_omega)
@@ -52,7 +54,13 @@ class _GrapeA(PositionalEncoding):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        self.omega_param.fill_(softplus_inverse(self.init_omega))
+        if self.gate == "linear":  # 431bad1: omega = +-slopes, unconstrained
+            sign = -1.0 if not self.query_gate else 1.0
+            self.omega_param.copy_(
+                sign * self.init_omega * slopes_tensor(self.omega_param.shape[0]).to(self.omega_param.device)
+            )
+        else:
+            self.omega_param.fill_(softplus_inverse(self.init_omega))
         for p in (self.u, self.v):
             if p is not None:
                 nn.init.normal_(p, 0.0, 1.0 / math.sqrt(self.shape.head_dim))
@@ -60,6 +68,8 @@ class _GrapeA(PositionalEncoding):
 
     def omega(self) -> Tensor:
         """(H,) fp32 per-head rates w_h."""
+        if self.gate == "linear":
+            return self.omega_param.float()
         return F.softplus(self.omega_param.float()) * self.slopes.float()
 
     def _gate(self, x: Tensor, direction: Tensor, sign: float) -> Tensor:
@@ -67,8 +77,8 @@ class _GrapeA(PositionalEncoding):
         d = F.normalize(direction.float(), dim=-1)
         # Elementwise product + sum rather than einsum: the batched-matmul form hits a view/stride error
         # in AOTAutograd's backward under torch.compile (torch 2.13).
-        z = (x.float() * d).sum(-1).transpose(1, 2) / math.sqrt(self.shape.head_dim)
-        return F.softplus(z) if self.gate == "softplus" else sign * z
+        z = (x.float() * d).sum(-1).transpose(1, 2)
+        return F.softplus(z / math.sqrt(self.shape.head_dim)) if self.gate == "softplus" else sign * z
 
     def gates(self, q: Tensor, k: Tensor) -> tuple[Tensor | None, Tensor | None]:
         H = self.omega_param.shape[0]

@@ -16,8 +16,9 @@ At init |s| ~ 0.2, so psi ~ -ln2 * alpha_h: GRAPE-AP starts as ALiBi with 0.69x 
 translation-invariant (R_l is absolute and p_t is not rotated).
 
 Fast path: a `PathSumBias` (probes + alpha + scale); kernels build tiles, never a T x T tensor here.
-The rotation direction of `models.pe.rope.apply_rotary` is the transpose of the GRAPE code's; the two
-are the same model up to flipping the sign of the second half of W_p's probe rows (a symmetric init).
+Rotation direction: R_l rotates counter-clockwise (`models.pe.rope.apply_rotary`), the GRAPE code's R_l
+clockwise; the two are the same model up to negating the second half of each head's W_p probe rows
+(`models.pe.rope.convert_rotation` with head_dim = probe_dim; the init is symmetric, so training is unchanged).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class GrapeAP(PositionalEncoding):
         query_probe_norm: bool = False,
         learn_alpha: bool = False,
         probe_init_std: float | None = None,
+        **shared,
     ):
-        super().__init__(shape)
+        super().__init__(shape, **shared)
         if probe_dim < 2 or probe_dim % 2:
             raise ValueError(f"grape_ap probe_dim must be even (rotated in planes), got {probe_dim}")
         H = self.layout().attn_heads

@@ -31,6 +31,11 @@ The two code versions disagree on the gate and its init (`init_mode`):
     positions compressed ~2.5x), although the code comments say "~1e-3";
   * `first_release` (commit 73b2231, the v1 runs): omega = softplus(W x + b), same b, W re-initialised by
     the global init to N(0, 0.5/sqrt(d_model)) -> omega ~ 1e-3 (starts close to NoPE).
+
+Both rotate counter-clockwise like `models.pe.rope` (the GRAPE code rotates clockwise: the same model up to
+negating the second half of each head's q/k projection rows, `models.pe.rope.convert_rotation`). Context
+extension (`pe.base`, `pe.scaling`, `pe.factor`, `pe.original_max_len`) rescales the learned frequencies
+the way the same knobs move RoPE's (`RotaryContext.rescale`) and applies YaRN's attention temperature.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 from pelab.models.pe import register
 from pelab.models.pe.base import PositionalEncoding
 from pelab.models.pe.common import FP32Params, cache_detached, half_split_cos_sin, softplus_inverse
-from pelab.models.pe.rope import apply_rotary, rope_inv_freq
+from pelab.models.pe.rope import RotaryContext, apply_rotary
 from torch import Tensor, nn
 
 
@@ -57,8 +62,40 @@ def _sinc_cosc(z: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     return sinc, cosc
 
 
+class _LearnedRotary(FP32Params, PositionalEncoding):
+    """Learned frequencies theta = exp(log_freq / log_freq_scale) starting at RoPE's, and their context
+    extension (shared by GRAPE-M and GRAPE-M-ctx)."""
+
+    log_freq: nn.Parameter
+    log_freq_scale: float
+
+    def _set_context(self, base: float, scaling: str, factor: float, original_max_len: int) -> None:
+        self.context = RotaryContext.of(
+            dict(base=base, scaling=scaling, factor=factor, original_max_len=original_max_len)
+        )
+        self.base = self.context.base
+        self.logit_scale = self.context.logit_scale
+
+    def initial_log_freq(self) -> Tensor:
+        """log theta at init: RoPE's frequencies under the PE's context knobs, one per plane."""
+        return self.context.inv_freq(self.shape.head_dim)[: self.log_freq.shape[-1]].log()
+
+    def freqs(self) -> Tensor:
+        return torch.exp(self.log_freq.float() / self.log_freq_scale)
+
+    @torch.no_grad()
+    def extend_context(self, trained: dict) -> str | None:
+        old = RotaryContext.of(trained)
+        if old == self.context:
+            return None
+        theta = (self.log_freq.double() / self.log_freq_scale).exp()
+        theta = self.context.rescale(theta, self.shape.head_dim, old)
+        self.log_freq.copy_((theta.log() * self.log_freq_scale).to(self.log_freq.dtype))
+        return f"learned frequencies rescaled {old} -> {self.context}"
+
+
 @register("grape_m")
-class GrapeM(FP32Params, PositionalEncoding):
+class GrapeM(_LearnedRotary):
     fp32_params = ("log_freq", "basis_skew")
 
     def __init__(
@@ -73,8 +110,12 @@ class GrapeM(FP32Params, PositionalEncoding):
         planes: int | None = None,
         basis: str = "learned",
         series_threshold: float = 0.05,
+        scaling: str = "none",
+        factor: float = 1.0,
+        original_max_len: int = 4096,
+        **shared,
     ):
-        super().__init__(shape)
+        super().__init__(shape, **shared)
         D = shape.head_dim
         if D % 2:
             raise ValueError(f"GRAPE-M needs an even head_dim, got {D}")
@@ -82,7 +123,8 @@ class GrapeM(FP32Params, PositionalEncoding):
             raise ValueError(f"grape_m form must be 'rope' or 'rodrigues', got {form!r}")
         if basis not in ("learned", "canonical"):
             raise ValueError(f"grape_m basis must be 'learned' or 'canonical', got {basis!r}")
-        self.form, self.basis, self.base = form, basis, float(base)
+        self.form, self.basis = form, basis
+        self._set_context(base, scaling, factor, original_max_len)
         self.before_qk_norm = before_qk_norm
         self.log_freq_scale = float(log_freq_scale)
         self.series_threshold = float(series_threshold)
@@ -103,10 +145,6 @@ class GrapeM(FP32Params, PositionalEncoding):
             self.basis_skew = None
         self.reset_parameters()
 
-    def initial_log_freq(self) -> Tensor:
-        inv_freq, _ = rope_inv_freq(self.shape.head_dim, self.base)
-        return inv_freq[: self.planes].log()
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         init = self.initial_log_freq().to(self.log_freq.device) * self.log_freq_scale
@@ -116,10 +154,6 @@ class GrapeM(FP32Params, PositionalEncoding):
             self.triu_index.copy_(
                 torch.triu_indices(self.shape.head_dim, self.shape.head_dim, 1).to(self.triu_index.device)
             )
-
-    def freqs(self) -> Tensor:
-        """(kv_heads or 1, planes) fp32 frequencies theta_j."""
-        return torch.exp(self.log_freq.float() / self.log_freq_scale)
 
     def _per_query_head(self, f: Tensor, q_heads: int) -> Tensor:
         """(T, kv_heads or 1, ...) -> (T, q_heads or 1, ...): query head h uses KV head h // group."""
@@ -182,7 +216,7 @@ class GrapeM(FP32Params, PositionalEncoding):
 
 
 @register("grape_m_ctx")
-class GrapeMCtx(FP32Params, PositionalEncoding):
+class GrapeMCtx(_LearnedRotary):
     fp32_params = ("log_freq",)
 
     def __init__(
@@ -195,22 +229,23 @@ class GrapeMCtx(FP32Params, PositionalEncoding):
         init_omega: float = 1e-3,
         omega_scale: float = 16.0,
         before_qk_norm: bool = True,
+        scaling: str = "none",
+        factor: float = 1.0,
+        original_max_len: int = 4096,
+        **shared,
     ):
-        super().__init__(shape)
+        super().__init__(shape, **shared)
         if shape.head_dim % 2:
             raise ValueError(f"GRAPE-M needs an even head_dim, got {shape.head_dim}")
         if init_mode not in ("head", "first_release"):
             raise ValueError(f"grape_m_ctx init_mode must be 'head' or 'first_release', got {init_mode!r}")
-        self.base, self.log_freq_scale = float(base), float(log_freq_scale)
+        self._set_context(base, scaling, factor, original_max_len)
+        self.log_freq_scale = float(log_freq_scale)
         self.init_mode, self.init_omega, self.omega_scale = init_mode, float(init_omega), float(omega_scale)
         self.before_qk_norm = before_qk_norm
         self.log_freq = nn.Parameter(torch.empty(shape.head_dim // 2), requires_grad=learnable)
         self.omega_proj = nn.Linear(shape.d_model, 1, bias=True)
         self.reset_parameters()
-
-    def initial_log_freq(self) -> Tensor:
-        inv_freq, _ = rope_inv_freq(self.shape.head_dim, self.base)
-        return inv_freq.log()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -223,9 +258,6 @@ class GrapeMCtx(FP32Params, PositionalEncoding):
 
     def no_weight_decay(self) -> list[nn.Parameter]:
         return [self.omega_proj.bias]
-
-    def freqs(self) -> Tensor:
-        return torch.exp(self.log_freq.float() / self.log_freq_scale)
 
     def omega(self, x: Tensor) -> Tensor:
         """(B, T) fp32 phase increments omega_t."""

@@ -6,5 +6,5 @@ from pelab.models.pe.base import PositionalEncoding
 
 @register("nope")
 class NoPE(PositionalEncoding):
-    def __init__(self, shape):
-        super().__init__(shape)
+    def __init__(self, shape, **shared):
+        super().__init__(shape, **shared)

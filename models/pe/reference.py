@@ -119,12 +119,12 @@ def _nope(pe, q, k, x, positions):
 @_ref(RoPE)
 def _rope(pe, q, k, x, positions):
     theta = pe.inv_freq.to(f64)
-    return _complex_inner(q, k, _rotary_angles(positions, theta)).real * pe.magnitude**2
+    return _complex_inner(q, k, _rotary_angles(positions, theta)).real * pe.logit_scale
 
 
 @_ref(_RoPEPP)
 def _ropepp(pe, q, k, x, positions):
-    c = _complex_inner(q, k, _rotary_angles(positions, pe.inv_freq.to(f64))) * pe.magnitude**2
+    c = _complex_inner(q, k, _rotary_angles(positions, pe.inv_freq.to(f64))) * pe.logit_scale
     # Real heads: Re; imaginary heads: -Im of the complex RoPE inner product; interleaved per head.
     B, H, T, S = c.shape
     return torch.stack((c.real, -c.imag), dim=2).reshape(B, 2 * H, T, S)
@@ -133,6 +133,10 @@ def _ropepp(pe, q, k, x, positions):
 @_ref(GrapeM)
 def _grape_m(pe, q, k, x, positions):
     theta = torch.exp(pe.log_freq.detach().to(f64) / pe.log_freq_scale)  # (heads, m)
+    return _grape_m_content(pe, q, k, positions, theta) * pe.logit_scale
+
+
+def _grape_m_content(pe, q, k, positions, theta):
     if pe.form == "rope":
         if theta.shape[0] == 1:
             return _complex_inner(q, k, _rotary_angles(positions, theta[0])).real
@@ -171,7 +175,7 @@ def _grape_m_ctx(pe, q, k, x, positions):
         phase[:, t] = phase[:, t - 1] + omega[:, t - 1]
     theta = torch.exp(pe.log_freq.detach().to(f64) / pe.log_freq_scale)
     angle = (phase[:, None, :] - phase[:, :, None])[..., None] * theta  # (B, T, S, n): theta (Phi_s - Phi_t)
-    return _complex_inner(q, k, angle).real
+    return _complex_inner(q, k, angle).real * pe.logit_scale
 
 
 @_ref(ALiBi)
@@ -196,18 +200,22 @@ def _fox(pe, q, k, x, positions):
 @_ref(_GrapeA)
 def _grape_a(pe, q, k, x, positions):
     H, D = pe.omega_param.shape[0], q.shape[-1]
-    omega = torch.nn.functional.softplus(pe.omega_param.detach().to(f64)) * pe.slopes.to(f64)
-    act = torch.nn.functional.softplus if pe.gate == "softplus" else (lambda z: z)
+    if pe.gate == "softplus":  # camera-ready: softplus gates of (direction . x) / sqrt(D), w = softplus(p) * slope
+        omega = torch.nn.functional.softplus(pe.omega_param.detach().to(f64)) * pe.slopes.to(f64)
+        act = lambda z: torch.nn.functional.softplus(z / math.sqrt(D))  # noqa: E731
+    else:  # 431bad1: bias = -(i - j) w (v.q_i - u.k_j), unconstrained w, no 1/sqrt(D)
+        omega = pe.omega_param.detach().to(f64)
+        act = lambda z: z  # noqa: E731
     gate = torch.zeros(q.shape[0], H, q.shape[1], 1, dtype=f64, device=q.device)  # lq_i (broadcast over j)
     kgate = torch.zeros(q.shape[0], H, 1, q.shape[1], dtype=f64, device=q.device)  # lk_j (broadcast over i)
     if pe.v is not None:
         v = pe.v.detach().to(f64)
         v = v / v.norm(dim=-1, keepdim=True)
-        gate = act(torch.einsum("bthd,hd->bht", q, v) / math.sqrt(D))[..., None]
+        gate = act(torch.einsum("bthd,hd->bht", q, v))[..., None]
     if pe.u is not None:
         u = pe.u.detach().to(f64)
         u = u / u.norm(dim=-1, keepdim=True)
-        zk = torch.einsum("bthd,hd->bht", _per_head(k, H), u) / math.sqrt(D)
+        zk = torch.einsum("bthd,hd->bht", _per_head(k, H), u)
         kgate = (act(zk) if pe.gate == "softplus" else -zk)[:, :, None, :]
     p = positions.to(f64)
     dist = (p[:, None] - p[None, :])[None, None]

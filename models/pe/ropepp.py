@@ -15,7 +15,8 @@ the repeat_interleave GQA mapping (RoPE++ Fig. 2). Both use the 1/sqrt(head_dim)
   heads, so the o_proj input doubles.
 
 All RoPE knobs are shared (base, before_qk_norm, linear/YaRN scaling for context extension; the
-paper's long-context stage raises the base 10k -> 500k).
+paper's long-context stage raises the base 10k -> 500k). YaRN's temperature multiplies every logit, real
+and imaginary, as the RoPE++ code's scaled cos/sin do (`logit_scale`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class _RoPEPP(RoPE):
         return HeadLayout(q_heads=s.n_head, kv_heads=s.n_kv_head, attn_heads=2 * s.n_head)
 
     def transform_qk(self, q, k, x, positions):
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.magnitude)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
         q_real = apply_rotary(q, cos, sin)
         q_imag = apply_rotary(-rotate_half(q), cos, sin)
         # (B, T, Hq, 2, D) -> (B, T, 2*Hq, D): [r0, i0, r1, i1, ...]

@@ -1,4 +1,4 @@
-"""`python -m train.eval checkpoint=<run dir or .ckpt> suite=<zeroshot|ppl_vs_length|retrieval|all> [overrides]`.
+"""`python -m train.eval checkpoint=<run dir or .ckpt> suite=<zeroshot|ppl_vs_length|retrieval|babilong|all> [...]`.
 
 What it writes: pelab.train.eval.run; the suites: pelab.train.eval.suites; options: conf/eval.yaml.
 """

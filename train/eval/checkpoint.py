@@ -5,19 +5,17 @@ A run directory (`runs/<name>/`) holds `config.yaml` (the resolved training conf
 `checkpoint["pelab"]["model_cfg"]` (the `GPTConfig` dict). Either may be given.
 
 Context extension (RoPE++ long-context stage, position interpolation, YaRN) is applied here, on top
-of the checkpoint's PE config:
-  * rotary PEs with fixed frequencies (`rope`, `ropepp_eh`, `ropepp_ec`): `base`, `scaling`
-    (none | linear | yarn), `factor` and `original_max_len` go to the PE's constructor; their
-    `inv_freq` is a non-persistent buffer, so the checkpoint loads unchanged;
-  * rotary PEs with learned frequencies (`grape_m`, `grape_m_ctx`): the learned log-frequencies are
-    rescaled after loading, the way the same knob changes RoPE's i-th frequency (`adapt_learned_frequencies`);
-  * any other PE has no rotary frequencies and refuses these overrides.
+of the checkpoint's PE config, by the PE itself: the model is built with the extended PE config
+(`pe.base`, `pe.scaling`, `pe.factor`, `pe.original_max_len`), the checkpoint's weights are loaded, and
+each PE's `extend_context(trained_pe_cfg)` adapts what it learned (`rope`/`ropepp_*` derive their
+frequencies from the config; `grape_m*` rescale their learned ones; YaRN's temperature is a logit factor).
+A PE whose constructor takes no such knobs (`models.pe.rope.context_keys`) refuses with a message naming the ones
+that can.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 from pelab.data.tokenizer import load_tokenizer, tokenizer_from_cfg
 from pelab.models.config import GPTConfig
 from pelab.models.gpt import GPT
+from pelab.models.pe.rope import check_context_extension
 from pelab.train.checkpoints import checkpoint_identity, is_sharded_checkpoint, newest_intact, verify
 from pelab.train.config import model_config
 
 log = logging.getLogger("pelab.eval")
 
-ROTARY_KEYS = ("base", "scaling", "factor", "original_max_len")
 # Attention is causal and position-free in the backbone, so the only length limit is this guard.
 EVAL_MAX_SEQ_LEN = 1 << 24
 
@@ -85,16 +83,6 @@ def _clean_overrides(overrides: dict | None) -> dict:
     return {k: v for k, v in dict(overrides or {}).items() if v is not None}
 
 
-def _learned_rotary(pe) -> bool:
-    return hasattr(pe, "log_freq") and hasattr(pe, "log_freq_scale") and hasattr(pe, "freqs")
-
-
-def _fixed_rotary(pe) -> bool:
-    from pelab.models.pe.rope import RoPE
-
-    return isinstance(pe, RoPE)
-
-
 def effective_pe(pe_cfg: dict, overrides: dict, train_len: int | None) -> dict:
     """The PE config after context-extension overrides (`original_max_len` defaults to the training
     length when a scaling is chosen without it)."""
@@ -105,93 +93,26 @@ def effective_pe(pe_cfg: dict, overrides: dict, train_len: int | None) -> dict:
     return out
 
 
-@torch.no_grad()
-def adapt_learned_frequencies(model: GPT, old_pe: dict, new_pe: dict) -> list[str]:
-    """Rescale the learned log-frequencies of GRAPE-M-style PEs as `new_pe`'s rotary knobs would change
-    RoPE's i-th frequency theta_i = base^(-2i/D):
-      base b -> b':  theta_i' = theta_i * (b / b')^(2i/D)   (ABF / the RoPE++ 10k -> 500k stage),
-      linear s:      theta_i' = theta_i / s,
-      yarn s:        theta_i' = (1 - g_i) theta_i / s + g_i theta_i, g_i = clip((r_i - 1)/31, 0, 1),
-                     r_i = original_max_len * theta_i / (2 pi)   (alpha = 1, beta = 32 as in RoPE++/YaRN).
-    YaRN's attention-temperature factor is not applied (with rotation before QK-RMSNorm it cancels anyway).
-    Returns notes describing what was done."""
-    notes = []
-    old_base, new_base = float(old_pe.get("base", 10000.0)), float(new_pe.get("base", old_pe.get("base", 10000.0)))
-    scaling = new_pe.get("scaling", "none") or "none"
-    factor = float(new_pe.get("factor", 1.0) or 1.0)
-    orig_len = int(new_pe.get("original_max_len", 4096) or 4096)
-    if scaling not in ("none", "linear", "yarn"):
-        raise CheckpointError(f"unknown pe.scaling={scaling!r}; choose none, linear or yarn")
-    for pe in model.pes():
-        if not _learned_rotary(pe):
-            continue
-        D = pe.shape.head_dim
-        planes = pe.log_freq.shape[-1]
-        log_theta = pe.log_freq.double() / pe.log_freq_scale
-        idx = torch.arange(planes, dtype=torch.float64, device=log_theta.device)
-        if new_base != old_base:
-            log_theta = log_theta + (2 * idx / D) * (math.log(old_base) - math.log(new_base))
-        if scaling != "none" and factor != 1.0:
-            theta = log_theta.exp()
-            if scaling == "linear":
-                theta = theta / factor
-            else:
-                rotations = orig_len * theta / (2 * math.pi)
-                keep = ((rotations - 1.0) / 31.0).clamp(0.0, 1.0)
-                theta = (1 - keep) * theta / factor + keep * theta
-            log_theta = theta.log()
-        pe.log_freq.copy_((log_theta * pe.log_freq_scale).to(pe.log_freq.dtype))
-    if new_base != old_base:
-        notes.append(f"learned frequencies rescaled for base {old_base:g} -> {new_base:g}")
-    if scaling != "none" and factor != 1.0:
-        notes.append(
-            f"learned frequencies {scaling}-scaled by {factor:g} (original_max_len {orig_len})"
-            + ("; YaRN magnitude factor not applied" if scaling == "yarn" else "")
-        )
-    return notes
-
-
-def _probe_pe(cfg: GPTConfig):
-    """One layer's PE alone (cheap), to see which kind of positional encoding the model uses."""
-    from pelab.models.pe import build_pe
-    from pelab.models.pe.base import AttentionShape
-
-    shape = AttentionShape(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_layer, 0)
-    return build_pe(cfg.pe, shape)
-
-
 def build_model(
     model_cfg: dict,
     pe_overrides: dict | None = None,
     train_len: int | None = None,
     attention_backend: str | None = None,
 ) -> tuple[GPT, dict]:
-    """An untrained GPT for `model_cfg` with the PE overrides applied to its constructor where the PE
-    takes them. Returns (model, effective pe cfg)."""
+    """An untrained GPT for `model_cfg` with the context-extension overrides applied to its PE config
+    (a PE that cannot take them refuses). Returns (model, effective pe cfg)."""
     base_cfg = dict(model_cfg)
     old_pe = dict(base_cfg["pe"])
     overrides = _clean_overrides(pe_overrides)
+    try:
+        check_context_extension(old_pe.get("name"), overrides)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     new_pe = effective_pe(old_pe, overrides, train_len)
     base_cfg["max_seq_len"] = max(int(base_cfg.get("max_seq_len", 0)), EVAL_MAX_SEQ_LEN)
     if attention_backend:
         base_cfg["attention_backend"] = attention_backend
-    pe0 = _probe_pe(GPTConfig.from_dict(base_cfg))
-    unknown = sorted(set(overrides) - set(ROTARY_KEYS))
-    if unknown and not _fixed_rotary(pe0):
-        raise CheckpointError(f"pe overrides {unknown} are only passed to the constructor of rope/ropepp PEs")
-    if not overrides:
-        ctor_pe = old_pe
-    elif _fixed_rotary(pe0):
-        ctor_pe = new_pe
-    elif _learned_rotary(pe0):
-        ctor_pe = old_pe  # the learned frequencies are rescaled after loading
-    else:
-        raise CheckpointError(
-            f"pe={old_pe.get('name')} has no rotary frequencies: the context-extension overrides "
-            f"{sorted(overrides)} (pe.base / pe.scaling / pe.factor) apply to rope, ropepp_*, "
-            f"grape_m*"
-        )
-    base_cfg["pe"] = ctor_pe
+    base_cfg["pe"] = new_pe
     return GPT(GPTConfig.from_dict(base_cfg)), new_pe
 
 
@@ -219,17 +140,20 @@ def model_state_dict(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: GPT, state: dict, old_pe: dict, new_pe: dict) -> list[str]:
-    """Load a checkpoint's weights into `model`, then adapt learned rotary frequencies to `new_pe`."""
+def load_weights(model: GPT, state: dict, trained_pe: dict) -> list[str]:
+    """Load a checkpoint's weights (trained with PE config `trained_pe`) into `model`, then let each PE
+    adapt them to the PE config the model was built with (context extension). Returns notes."""
     missing, unexpected = model.load_state_dict(model_state_dict(state), strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}; was it trained with another model/pe config?"
         )
-    if any(_learned_rotary(pe) for pe in model.pes()):
-        return adapt_learned_frequencies(model, old_pe, new_pe)
-    return []
+    try:
+        notes = {pe.extend_context(trained_pe) for pe in model.pes()}
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return sorted(n for n in notes if n)
 
 
 @dataclass
@@ -318,7 +242,7 @@ def load(
     if not train_len:
         raise CheckpointError(f"no config.yaml next to {ckpt} tells the training length; pass eval.train_len=<tokens>")
     model, new_pe = build_model(model_cfg, pe_overrides, train_len, attention_backend)
-    notes = load_weights(model, state, dict(model_cfg["pe"]), new_pe)
+    notes = load_weights(model, state, dict(model_cfg["pe"]))
     dev = pick_device(device)
     model.to(dev).eval()
     for p in model.parameters():
@@ -348,5 +272,5 @@ def init_from(model: GPT, path: str | Path, new_pe: dict) -> list[str]:
     ckpt = resolve_checkpoint(path)
     state = checkpoint_state(ckpt)
     old_pe = (state.get("pelab") or {}).get("model_cfg", {}).get("pe", new_pe)
-    notes = load_weights(model, state, dict(old_pe), dict(new_pe))
+    notes = load_weights(model, state, dict(old_pe))
     return [f"weights of {ckpt} (step {state.get('global_step', '?')}), pe {dict(old_pe)} -> {dict(new_pe)}", *notes]

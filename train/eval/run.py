@@ -5,7 +5,7 @@ Writes, next to the checkpoint (its run directory) or to `eval.out_dir`:
                             a later run of another suite is merged in, every checkpoint's results are
                             kept; "header"/"suites" at the top are the newest step's);
   eval.md                   the same as tables;
-  eval_<suite>.png          the suites' plots (ppl_vs_length, retrieval).
+  eval_<suite>.png          the suites' plots (ppl_vs_length, retrieval, babilong).
 With PE overrides (context extension, e.g. `pe.base=500000`) the files are named eval-<tag>.* so
 they sit beside the unmodified model's results. The numbers are deterministic: evaluating twice
 gives the same file.
