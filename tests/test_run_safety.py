@@ -398,16 +398,18 @@ def test_prepare_of_a_small_input_says_what_to_set_and_can_be_retried(tmp_path):
 
 def test_report_has_twelve_distinct_colours_and_the_layer_legend_covers_no_panel(tmp_path, monkeypatch):
     import matplotlib.colors as mcolors
-    from pelab.train import report
+    from pelab.train import report_plots
+    from pelab.train.runs import group_runs, load_runs
 
-    from tests.test_report import fake_run
+    from tests.test_report import config, fake_run
 
-    dirs = [fake_run(tmp_path / "runs", f"pe{i}", 0, 1 + i / 10) for i in range(12)]
-    runs = [report.load_run(d) for d in dirs]
-    rgb = [mcolors.to_rgb(c) for c in report._colors(runs).values()]
+    pes = [f"pe{i}" for i in range(12)]
+    rgb = [mcolors.to_rgb(s["color"]) for s in report_plots.styles(pes).values()]
     assert min(sum((a - b) ** 2 for a, b in zip(x, y)) ** 0.5 for i, x in enumerate(rgb) for y in rgb[i + 1 :]) > 0.2
+    for pe in pes:
+        fake_run(tmp_path / "runs", config(pe, 0))
     boxes = {}
-    real_save = report._save
+    real_save = report_plots._save
 
     def keep(fig, path):  # the figure's legend and panel boxes, before it is closed
         fig.canvas.draw()
@@ -415,8 +417,8 @@ def test_report_has_twelve_distinct_colours_and_the_layer_legend_covers_no_panel
         boxes[path.name] = ([lg.get_window_extent() for lg in fig.legends], panels)
         return real_save(fig, path)
 
-    monkeypatch.setattr(report, "_save", keep)
-    report.plot_report(runs, tmp_path / "out")
+    monkeypatch.setattr(report_plots, "_save", keep)
+    report_plots.plot_layers(group_runs(load_runs([tmp_path / "runs"])), tmp_path / "out")
     legends, panels = boxes["max_logit_layers.png"]
     assert len(legends) == 1 and not any(legends[0].overlaps(p) for p in panels)
 
