@@ -56,3 +56,22 @@ def test_cli_prints_each_lightning_line_once(data_root, tmp_path):
     out = r.stdout + r.stderr
     assert out.count("GPU available:") == 1 and out.count("TPU available:") == 1, out[-3000:]
     assert "litlogger" not in out
+
+
+def test_lightning_lines_reach_the_root_handlers_once_when_lightning_was_imported_first():
+    # A submitit job imports Lightning before Hydra configures logging: Lightning then adds its own console
+    # handler and stops propagation, so without the fix its lines never reach the run's log file.
+    code = """
+import logging, io
+import lightning.pytorch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+stream = io.StringIO()
+logging.getLogger().addHandler(logging.StreamHandler(stream))
+from pelab.train.loggers import quiet_lightning_logging
+quiet_lightning_logging()
+rank_zero_info("Restoring states from the checkpoint")
+print(stream.getvalue().count("Restoring states from the checkpoint"))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-1] == "1" and "Restoring states" not in r.stderr, (r.stdout, r.stderr)

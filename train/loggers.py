@@ -38,10 +38,15 @@ def _no_litlogger_tip(record: logging.LogRecord) -> bool:
 
 
 def quiet_lightning_logging() -> None:
-    """Lightning's own console handler on the `lightning` logger repeats every line that Hydra's root
-    handlers print (as "INFO: ..."), and it advertises litlogger on every run: print each line once."""
+    """Lightning's own console handlers repeat every line that Hydra's root handlers print (as "INFO: ..."),
+    and it advertises litlogger on every run: print each line once, through the root handlers (console and
+    the run's log file). Imported before logging was configured (a submitit job), Lightning also stops its
+    records from propagating to the root; they must reach it, or the log file loses them."""
     if logging.getLogger().hasHandlers():
-        logging.getLogger("lightning").handlers.clear()
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_litlogger_tip)
 
 
